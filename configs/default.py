@@ -1,0 +1,81 @@
+"""Every config field of ddpm_jax, with the CIFAR-10 values of the paper (spec section 4).
+
+Dataset configs import `get_config` from here and change only what differs. Any field can be
+overridden on the command line, e.g. `--config.training.batch_size=8`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.data = data = ml_collections.ConfigDict()
+  # cifar10 | celeb_a_hq | lsun_church | lsun_bedroom | lsun_cat | digits | folder
+  data.dataset = "cifar10"
+  data.image_size = 32
+  data.num_channels = 3
+  data.random_flip = True
+  data.data_dir = ""  # TFDS data dir ("" = TFDS default), or the folder / TFRecord pattern.
+  data.source = "tfds"  # For LSUN: tfds | tfrecords. Ignored elsewhere.
+  data.shuffle_buffer = 10_000
+  data.eval_split = "test"
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.out_ch = 0  # 0: num_channels, doubled for learned variance.
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.dtype = "float32"  # Compute dtype: float32 | bfloat16.
+  model.param_dtype = "float32"
+  model.remat = False
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = "linear"
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.num_timesteps = 1000
+  diffusion.model_mean_type = "eps"
+  diffusion.model_var_type = "fixedlarge"
+  diffusion.loss_type = "mse"
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.lr = 2e-4
+  optim.warmup_steps = 5000
+  optim.grad_clip = 1.0
+  optim.ema_decay = 0.9999
+  optim.beta1 = 0.9
+  optim.beta2 = 0.999
+  optim.eps = 1e-8
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # Global, over all devices of all processes.
+  training.num_train_steps = 800_000
+  training.steps_per_call = 1
+  training.checkpoint_every_steps = 10_000
+  training.checkpoint_every_secs = 1800
+  training.keep_checkpoints = 3
+  training.sample_every = 50_000
+  training.num_sample_images = 64
+  training.log_every = 100
+  training.seed = 0
+
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.num_samples = 50_000
+  sample.batch_size = 256
+  sample.sampler = "ancestral"  # ancestral | ddim
+  sample.num_steps = 1000
+  sample.eta = 1.0
+  sample.clip_denoised = True
+  sample.checkpoint_step = -1  # -1: latest.
+  sample.seed = 1
+
+  config.eval = eval_config = ml_collections.ConfigDict()
+  eval_config.batch_size = 256
+  eval_config.num_examples = -1  # -1: the whole split.
+  eval_config.inception_weights = ""
+
+  return config

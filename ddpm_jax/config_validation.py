@@ -1,0 +1,108 @@
+"""Checks a config before anything is compiled; each problem is one message naming the field."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ddpm_jax import diffusion
+
+DTYPES = ("float32", "bfloat16")
+SAMPLERS = ("ancestral", "ddim")
+DATA_SOURCES = ("tfds", "tfrecords")
+
+
+class ConfigError(ValueError):
+  """A config field has a value ddpm_jax cannot run with."""
+
+
+def _fail(field: str, value, allowed: str) -> None:
+  raise ConfigError(f"config.{field}={value!r} is not allowed: {allowed}.")
+
+
+def _check_choice(config, field: str, allowed) -> None:
+  section, name = field.split(".")
+  value = config[section][name]
+  if value not in allowed:
+    _fail(field, value, "allowed values are " + ", ".join(map(str, allowed)))
+
+
+def _check_positive(config, field: str) -> None:
+  section, name = field.split(".")
+  value = config[section][name]
+  if not isinstance(value, int) or value < 1:
+    _fail(field, value, "it must be an integer >= 1")
+
+
+def validate_config(
+    config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1
+) -> None:
+  """Raises `ConfigError` for the first field that cannot work on `device_count` devices."""
+  from ddpm_jax import input_pipeline  # Imports TensorFlow; kept out of module import.
+
+  _check_choice(config, "data.dataset", tuple(input_pipeline.DATASETS))
+  _check_choice(config, "data.source", DATA_SOURCES)
+  _check_choice(config, "data.num_channels", (1, 3))
+  _check_choice(config, "diffusion.beta_schedule", diffusion.BETA_SCHEDULES)
+  _check_choice(config, "diffusion.model_mean_type", diffusion.MODEL_MEAN_TYPES)
+  _check_choice(config, "diffusion.model_var_type", diffusion.MODEL_VAR_TYPES)
+  _check_choice(config, "diffusion.loss_type", diffusion.LOSS_TYPES)
+  _check_choice(config, "model.dtype", DTYPES)
+  _check_choice(config, "model.param_dtype", DTYPES)
+  _check_choice(config, "sample.sampler", SAMPLERS)
+  for field in ("training.batch_size", "training.num_train_steps", "training.steps_per_call",
+                "training.log_every", "training.keep_checkpoints", "diffusion.num_timesteps"):
+    _check_positive(config, field)
+  _check_diffusion(config)
+  _check_batch(config, device_count, process_count)
+  _check_model(config)
+  _check_step_multiples(config)
+
+
+def _check_diffusion(config) -> None:
+  try:
+    diffusion.create_diffusion(**config.diffusion.to_dict())
+  except ValueError as e:
+    raise ConfigError(f"config.diffusion: {e}") from None
+
+
+def _check_batch(config, device_count: int, process_count: int) -> None:
+  batch = config.training.batch_size
+  if batch % device_count:
+    _fail("training.batch_size", batch,
+          f"the global batch must divide evenly over the {device_count} devices")
+  if batch % process_count:
+    _fail("training.batch_size", batch,
+          f"the global batch must divide evenly over the {process_count} processes")
+
+
+def _check_model(config) -> None:
+  model, size = config.model, config.data.image_size
+  levels = len(model.ch_mult)
+  if levels < 1:
+    _fail("model.ch_mult", model.ch_mult, "it needs at least one level")
+  factor = 2 ** (levels - 1)
+  if not isinstance(size, int) or size < factor or size % factor:
+    _fail("data.image_size", size,
+          f"the U-Net with {levels} levels (model.ch_mult={tuple(model.ch_mult)}) halves it "
+          f"{levels - 1} times, so it must be a positive multiple of {factor}")
+  for mult in model.ch_mult:
+    if (model.ch * mult) % 32:
+      _fail("model.ch", model.ch,
+            f"GroupNorm uses 32 groups, so model.ch * each of model.ch_mult "
+            f"{tuple(model.ch_mult)} must be a multiple of 32")
+  resolutions = {size // 2**i for i in range(levels)}
+  for res in model.attn_resolutions:
+    if res not in resolutions:
+      _fail("model.attn_resolutions", tuple(model.attn_resolutions),
+            f"each must be one of the U-Net's resolutions {sorted(resolutions)}")
+  if not 0.0 <= model.dropout < 1.0:
+    _fail("model.dropout", model.dropout, "it must be in [0, 1)")
+
+
+def _check_step_multiples(config) -> None:
+  k = config.training.steps_per_call
+  for field in ("log_every", "checkpoint_every_steps", "sample_every"):
+    value = config.training[field]
+    if value > 0 and value % k:
+      _fail(f"training.{field}", value,
+            f"it must be a multiple of training.steps_per_call={k} (0 disables it)")

@@ -1,0 +1,50 @@
+"""The command line: `python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR`.
+
+Any config field can be overridden, e.g. `--config.training.batch_size=8`. Rerunning the same
+command resumes from the latest checkpoint in `--workdir`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local or gs://).")
+flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported here so that --help is fast and TensorFlow never sees the accelerators.
+  from ddpm_jax import (  # input_pipeline first: it hides GPUs/TPUs from TensorFlow.
+      checkpointing,
+      config_validation,
+      distributed,
+      input_pipeline,
+      train,
+  )
+
+  distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  user_errors = (config_validation.ConfigError, input_pipeline.DatasetNotPreparedError,
+                 checkpointing.IncompatibleCheckpointError, train.NonFiniteLossError)
+  try:
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except user_errors as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,196 @@
+"""The training loop: resumes from the latest checkpoint, trains, logs, samples, checkpoints.
+
+`train_and_evaluate(config, workdir)` is the whole job of `--mode=train`; rerunning it with the
+same arguments resumes. Only process 0 writes logs, images and the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from ddpm_jax import checkpointing, factories, image_grid, input_pipeline, sampling
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.config_validation import validate_config
+from ddpm_jax.preemption import PreemptionWatcher
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or Inf; no checkpoint was written after it."""
+
+
+def init_train_state(config, model, optimizer, rng: jax.Array) -> train_state_lib.TrainState:
+  """A fresh state; the params are initialised from `rng` with a batch of one."""
+  params_rng, state_rng = jax.random.split(rng)
+  size, channels = config.data.image_size, config.data.num_channels
+  x = jax.numpy.zeros((1, size, size, channels), jax.numpy.float32)
+  t = jax.numpy.zeros((1,), jax.numpy.int32)
+  params = model.init({"params": params_rng}, x, t, train=False)["params"]
+  return train_state_lib.create_train_state(params, optimizer, state_rng)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+class TrainLoop:
+  """The pieces of one training run, built once from the config."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = train_step_lib.make_mesh()
+    self.diffusion = factories.create_diffusion(config)
+    self.model = factories.create_model(config)
+    self.optimizer = train_state_lib.make_optimizer(config.optim)
+    self.lr_schedule = train_state_lib.learning_rate_schedule(
+        config.optim.lr, config.optim.warmup_steps)
+    self.init_fn = jax.jit(
+        functools.partial(init_train_state, config, self.model, self.optimizer,
+                          jax.random.PRNGKey(config.training.seed)),
+        out_shardings=train_step_lib.replicated(self.mesh))
+    self.step_fn = train_step_lib.make_train_step(
+        diffusion=self.diffusion, model=self.model, optimizer=self.optimizer,
+        lr_schedule=self.lr_schedule, ema_decay=config.optim.ema_decay,
+        global_batch_size=config.training.batch_size)
+    self._compiled_steps: dict[int, Any] = {}
+    self.sampler = sampling.make_sampler(
+        self.diffusion, self.model, self.mesh, factories.image_shape(config),
+        clip_denoised=config.sample.clip_denoised)
+
+  def train_step(self, steps: int):
+    """The jitted step running `steps` optimizer steps per call (compiled once per value)."""
+    if steps not in self._compiled_steps:
+      self._compiled_steps[steps] = train_step_lib.shard_train_step(self.step_fn, self.mesh, steps)
+    return self._compiled_steps[steps]
+
+  def sample_grid(self, state, step: int, writer) -> str | None:
+    """Samples `training.num_sample_images` with the EMA params; writes a PNG and TensorBoard."""
+    n = self.config.training.num_sample_images
+    keys = sampling.sample_keys(jax.random.PRNGKey(self.config.sample.seed), 0, n)
+    images = image_grid.to_uint8(self.sampler(state.ema_params, keys))
+    if jax.process_index() != 0:
+      return None
+    grid = image_grid.make_grid(images)
+    path = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
+    image_grid.save_png(path, grid)
+    writer.write_images(step, {"ema_samples": grid[None]})
+    logging.info("Wrote EMA samples of step %d to %s", step, path)
+    return path
+
+
+def _data_iterator(config, start_step: int):
+  return input_pipeline.create_train_dataset(
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      start_step=start_step)
+
+
+def _next_batch(data_iter, loop: TrainLoop, steps: int) -> jax.Array:
+  local = [next(data_iter) for _ in range(steps)]
+  local = np.stack(local) if steps > 1 else local[0]
+  return train_step_lib.global_batch(local, loop.mesh, steps)
+
+
+class MetricsBuffer:
+  """Device-side metrics of the calls since the last flush, fetched only when needed."""
+
+  def __init__(self):
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
+
+  def flush(self) -> dict[str, float] | None:
+    """Fetches the pending metrics; raises NonFiniteLossError at the first non-finite loss."""
+    if not self._pending:
+      return None
+    fetched = jax.device_get([m for _, m in self._pending])
+    steps = [s for s, _ in self._pending]
+    self._pending = []
+    for step, m in zip(steps, fetched, strict=True):
+      if not m["finite"]:
+        raise NonFiniteLossError(
+            f"The loss became {float(m['loss'])} by step {step}. Training stopped; no checkpoint "
+            "was written after it, so the latest checkpoint in the workdir is intact. Lower "
+            "optim.lr, check optim.grad_clip, or try model.dtype=float32, then rerun to resume.")
+    summary = {k: float(v) for k, v in fetched[-1].items() if k != "finite"}
+    summary["loss"] = float(np.mean([m["loss"] for m in fetched]))
+    return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state."""
+  validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
+  tf.io.gfile.makedirs(workdir)
+  write_config(config, workdir)
+  loop = TrainLoop(config, workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  training = config.training
+  with checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=training.keep_checkpoints,
+      every_steps=training.checkpoint_every_steps, every_secs=training.checkpoint_every_secs,
+      default_sharding=train_step_lib.replicated(loop.mesh)) as ckpt:
+    state, resumed = ckpt.restore_or_init(loop.init_fn)
+    start_step = int(state.step)
+    if resumed:
+      logging.info("Resumed from the checkpoint of step %d in %s", start_step, ckpt.directory)
+    else:
+      parameter_overview.log_parameter_overview(state.params, jax_logging_process=0)
+    writer.write_hparams({"num_params": train_step_lib.param_count(state.params),
+                          "num_devices": jax.device_count(),
+                          "global_batch_size": training.batch_size})
+    state = _run(loop, state, start_step, ckpt, writer)
+  writer.flush()
+  return state
+
+
+def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
+  """Steps from `start_step` to `training.num_train_steps`, or until preempted."""
+  config, training = loop.config, loop.config.training
+  num_steps = training.num_train_steps
+  data_iter = _data_iterator(config, start_step)
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  preemption = PreemptionWatcher()
+  metrics = MetricsBuffer()
+  step, k = start_step, training.steps_per_call
+  last_log_time, last_log_step = time.time(), start_step
+  try:
+    while step < num_steps:
+      n = k if step % k == 0 and step + k <= num_steps else 1
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, m = loop.train_step(n)(state, _next_batch(data_iter, loop, n))
+      step += n
+      metrics.add(step, m)
+      report(step)
+      if step % training.log_every == 0 or step == num_steps:
+        summary = metrics.flush()
+        now = time.time()
+        rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        summary |= {"steps_per_sec": rate, "images_per_sec": rate * training.batch_size}
+        writer.write_scalars(step, summary)
+        last_log_time, last_log_step = now, step
+      stopping = preemption.reached(step)
+      if stopping or step == num_steps or ckpt.should_save(step):
+        metrics.flush()  # Never checkpoint a state that followed a non-finite loss.
+        ckpt.save(step, state, force=True)
+      if training.sample_every and (step % training.sample_every == 0 or step == num_steps):
+        loop.sample_grid(state, step, writer)
+      if stopping:
+        logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
+        break
+  finally:
+    preemption.close()
+  ckpt.wait_until_finished()
+  return state

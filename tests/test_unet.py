@@ -1,0 +1,274 @@
+"""Tests of the DDPM U-Net: exact architecture (counts, names), layers against closed forms."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ddpm_jax.models import UNet, get_timestep_embedding
+from ddpm_jax.models.layers import AttnBlock, Downsample
+
+LSUN_MULT = (1, 1, 2, 2, 4, 4)
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+
+
+def _abstract_init(model: UNet, size: int, batch: int = 1):
+  x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), x, t), x, t
+
+
+def _num_params(params) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _inputs(batch: int = 2, size: int = 16, seed: int = 1):
+  kx, kt = jax.random.split(jax.random.key(seed))
+  x = jax.random.uniform(kx, (batch, size, size, 3), minval=-1.0, maxval=1.0)
+  t = jax.random.randint(kt, (batch,), 0, 1000, dtype=jnp.int32)
+  return x, t
+
+
+def _perturb(params, seed: int = 2, std: float = 0.05):
+  """Replace every parameter (arrays or shapes) by N(0, std^2) so no layer starts near zero.
+
+  numpy draws: compiling one jax.random call per parameter shape is slow on small CPUs.
+  """
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+    lambda leaf: jnp.asarray(std * rng.standard_normal(leaf.shape), leaf.dtype), params)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A tiny U-Net (16x16, levels 16 and 8, attention at 8): random params of the right shapes."""
+  model = UNet(**TINY)
+  x, t = _inputs()
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+  return model, _perturb(shapes), x, t
+
+
+# 1. shapes
+def test_output_shape_tiny_32():
+  model = UNet(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,))
+  x, t = _inputs(batch=2, size=32)
+  variables = {"params": _perturb(jax.eval_shape(model.init, jax.random.key(0), x, t)["params"])}
+  out = jax.jit(model.apply)(variables, x, t)
+  assert float(jnp.std(out)) > 1e-2
+  assert out.shape == (2, 32, 32, 3) and out.dtype == jnp.float32
+
+
+def test_output_shape_256_abstract():
+  model = UNet(ch_mult=LSUN_MULT)
+  variables, x, t = _abstract_init(model, 256, batch=2)
+  assert _num_params(variables["params"]) == 113_673_219
+  out = jax.eval_shape(model.apply, variables, x, t)
+  assert out.shape == (2, 256, 256, 3) and out.dtype == jnp.float32
+
+
+# 2. exact parameter counts and names
+@pytest.mark.parametrize(
+  "kwargs,size,expected",
+  [
+    (dict(), 32, 35_746_307),
+    (dict(out_ch=6), 32, 35_749_766),
+    (dict(ch_mult=LSUN_MULT), 256, 113_673_219),
+    (dict(ch=192, ch_mult=LSUN_MULT), 256, 255_677_955),
+  ],
+)
+def test_parameter_counts(kwargs, size, expected):
+  variables, _, _ = _abstract_init(UNet(**kwargs), size)
+  assert set(variables) == {"params"}
+  assert _num_params(variables["params"]) == expected
+
+
+def test_cifar10_parameter_names():
+  variables, _, _ = _abstract_init(UNet(), 32)
+  flat = traverse_util.flatten_dict(variables["params"])
+  assert len(flat) == 328  # the original checkpoint's 328 non-EMA variables under model/
+  expected = {
+    ("temb", "dense0", "kernel"): (128, 512),
+    ("temb", "dense1", "kernel"): (512, 512),
+    ("conv_in", "kernel"): (3, 3, 3, 128),
+    ("down_0", "block_0", "conv1", "kernel"): (3, 3, 128, 128),
+    ("down_0", "block_0", "norm1", "scale"): (128,),
+    ("down_0", "block_0", "temb_proj", "kernel"): (512, 128),
+    ("down_0", "downsample", "conv", "kernel"): (3, 3, 128, 128),
+    ("down_1", "block_0", "nin_shortcut", "kernel"): (128, 256),
+    ("down_1", "attn_1", "proj_out", "kernel"): (256, 256),
+    ("mid", "attn_1", "q", "kernel"): (256, 256),
+    ("mid", "block_2", "conv2", "bias"): (256,),
+    ("up_0", "block_2", "nin_shortcut", "kernel"): (256, 128),
+    ("up_1", "attn_2", "norm", "bias"): (256,),
+    ("up_3", "block_0", "conv1", "kernel"): (3, 3, 512, 256),
+    ("up_3", "upsample", "conv", "kernel"): (3, 3, 256, 256),
+    ("norm_out", "scale"): (128,),
+    ("conv_out", "kernel"): (3, 3, 128, 3),
+  }
+  for path, shape in expected.items():
+    assert flat[path].shape == shape, path
+  # No extra scope levels, attention only at 16x16 (level 1), no downsample at the last level.
+  assert {k[0] for k in flat} == {
+    "temb", "conv_in", "mid", "norm_out", "conv_out", *(f"down_{i}" for i in range(4)),
+    *(f"up_{i}" for i in range(4))}
+  assert {k[1] for k in flat if k[0] == "down_1"} == {"block_0", "block_1", "attn_0", "attn_1",
+                                                    "downsample"}
+  assert not any(k[:2] == ("down_3", "downsample") for k in flat)
+  assert not any(k[:2] == ("up_0", "upsample") for k in flat)
+  assert not any(k[1].startswith("attn") for k in flat if k[0] in ("down_0", "up_2"))
+
+
+# 3. timestep embedding
+def test_timestep_embedding_matches_formula():
+  t = np.array([0, 1, 17, 500, 999])
+  dim = 128
+  half = dim // 2
+  freqs = np.exp(-np.arange(half, dtype=np.float64) * math.log(10000) / (half - 1))
+  args = t[:, None].astype(np.float64) * freqs[None]
+  expected = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+  got = np.asarray(get_timestep_embedding(jnp.asarray(t, jnp.int32), dim))
+  assert got.shape == (5, dim) and got.dtype == np.float32
+  # float32 like the original: the rounding of the argument t * freq (ulp(999) = 6e-5 in float32)
+  # bounds the error, so the tolerance grows with t (1e-5 up to t = 74, 1.2e-4 at t = 999).
+  atol = 1e-6 + 1.2e-7 * t[:, None]
+  assert np.all(np.abs(got - expected) <= atol), np.max(np.abs(got - expected), axis=1)
+  # sin first: t=0 gives [0, ..., 0, 1, ..., 1].
+  np.testing.assert_array_equal(got[0], np.r_[np.zeros(half), np.ones(half)])
+  odd = get_timestep_embedding(jnp.asarray(t, jnp.int32), 9)
+  assert odd.shape == (5, 9) and np.all(np.asarray(odd[:, -1]) == 0)
+
+
+# 4. stride-2 downsample padding
+def test_downsample_matches_tf_same_padding():
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
+  module = Downsample(with_conv=True)
+  variables = module.init(jax.random.key(4), x)
+  kernel = variables["params"]["conv"]["kernel"]
+  bias = jax.random.normal(jax.random.key(5), (4,))
+  variables = {"params": {"conv": {"kernel": kernel, "bias": bias}}}
+  out = module.apply(variables, x)
+  assert out.shape == (2, 4, 4, 4)
+
+  def conv(xp):
+    return jax.lax.conv_general_dilated(
+      xp, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+  tf_same = conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+  symmetric = conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))[:, :4, :4]
+  np.testing.assert_allclose(out, tf_same, atol=1e-5)
+  assert np.max(np.abs(out - symmetric)) > 1e-2
+
+  pooled = Downsample(with_conv=False).apply({}, x)
+  np.testing.assert_allclose(pooled, x.reshape(2, 4, 2, 4, 2, 4).mean(axis=(2, 4)), atol=1e-6)
+
+
+# 5. near-zero output at init
+def test_output_near_zero_at_init(tiny):
+  model, _, x, t = tiny
+  # An rbg key compiles much faster than threefry on CPU; the initialisers' laws are the same.
+  params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, t)["params"]
+  out, state = model.apply(
+    {"params": params}, x, t, capture_intermediates=lambda mdl, _: mdl.name == "norm_out")
+  # conv_out has variance scale 1e-10: outputs are ~1e-5 of what a scale-1 init would give.
+  assert float(jnp.max(jnp.abs(out))) < 1e-4
+  normed = state["intermediates"]["norm_out"]["__call__"][0]
+  assert 0.5 < float(jnp.std(normed)) < 2.0  # activations entering conv_out are O(1)
+  kernel = params["conv_out"]["kernel"]
+  rescaled = {**params, "conv_out": {**params["conv_out"], "kernel": kernel * 1e5}}
+  big = model.apply({"params": rescaled}, x, t)
+  assert 0.05 < float(jnp.std(big)) < 10.0
+  # All biases (GroupNorm's too) start at zero.
+  flat = traverse_util.flatten_dict(params)
+  assert all(float(jnp.max(jnp.abs(v))) == 0.0 for k, v in flat.items() if k[-1] == "bias")
+
+
+# 6. dropout only when training
+def test_dropout_only_in_train(tiny):
+  _, params, x, t = tiny
+  model = UNet(**TINY, dropout=0.5)
+  variables = {"params": params}
+  eval_a = model.apply(variables, x, t, train=False)
+  eval_b = model.apply(variables, x, t, train=False, rngs={"dropout": jax.random.key(7)})
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a = model.apply(variables, x, t, train=True, rngs={"dropout": jax.random.key(7)})
+  train_a2 = model.apply(variables, x, t, train=True, rngs={"dropout": jax.random.key(7)})
+  train_b = model.apply(variables, x, t, train=True, rngs={"dropout": jax.random.key(8)})
+  np.testing.assert_array_equal(train_a, train_a2)
+  assert float(jnp.max(jnp.abs(train_a - train_b))) > 1e-3
+  assert float(jnp.max(jnp.abs(train_a - eval_a))) > 1e-3
+
+
+# 7. rematerialisation
+def test_remat_same_params_and_outputs():
+  # One level at 8x8 (blocks with and without nin_shortcut, attention, dropout): compiling the
+  # gradient of the larger tiny model twice would dominate the test time.
+  config = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), dropout=0.3)
+  model, remat_model = UNet(**config), UNet(**config, remat=True)
+  x, t = _inputs(size=8)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+  remat_shapes = jax.eval_shape(remat_model.init, jax.random.key(0), x, t)["params"]
+  assert jax.tree_util.tree_structure(remat_shapes) == jax.tree_util.tree_structure(shapes)
+  assert jax.tree_util.tree_all(
+    jax.tree_util.tree_map(lambda a, b: a.shape == b.shape, remat_shapes, shapes))
+  params = _perturb(shapes)
+  ref = model.apply({"params": params}, x, t, train=False)
+  np.testing.assert_allclose(remat_model.apply({"params": params}, x, t), ref, atol=1e-5)
+
+  def loss(p, m):
+    out = m.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.key(9, impl="rbg")})
+    return jnp.sum(out**2)
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  value, grads = value_and_grad(params, model)
+  remat_value, remat_grads = value_and_grad(params, remat_model)
+  np.testing.assert_allclose(remat_value, value, rtol=1e-5)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), remat_grads, grads)
+
+
+# 8. bfloat16 compute
+def test_bfloat16_compute(tiny):
+  _, params, x, t = tiny
+  variables = {"params": params}
+  bf16_model = UNet(**TINY, dtype=jnp.bfloat16)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(
+    jax.eval_shape(bf16_model.init, jax.random.key(0), x, t)["params"]))
+  ref = UNet(**TINY).apply(variables, x, t)
+  out = bf16_model.apply(variables, x, t)
+  assert out.dtype == jnp.float32 and out.shape == ref.shape
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert 0 < rel < 5e-2
+
+
+# 9. attention block
+def _np_group_norm(x, scale, bias, groups=32, eps=1e-6):
+  b, h, w, c = x.shape
+  xg = x.reshape(b, h, w, groups, c // groups)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  var = xg.var(axis=(1, 2, 4), keepdims=True)
+  return ((xg - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+
+
+def test_attention_block_matches_numpy():
+  x = np.asarray(jax.random.normal(jax.random.key(10), (2, 4, 4, 64)), np.float64) * 2 + 0.5
+  module = AttnBlock()
+  params = _perturb(module.init(jax.random.key(11), jnp.asarray(x, jnp.float32))["params"],
+                    std=0.2)
+  out = np.asarray(module.apply({"params": params}, jnp.asarray(x, jnp.float32)))
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+
+  def nin(h, name):
+    return h @ p[name]["kernel"] + p[name]["bias"]
+
+  b, hh, ww, c = x.shape
+  h = _np_group_norm(x, p["norm"]["scale"], p["norm"]["bias"]).reshape(b, hh * ww, c)
+  q, k, v = nin(h, "q"), nin(h, "k"), nin(h, "v")
+  logits = np.einsum("bic,bjc->bij", q, k) / np.sqrt(c)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  expected = x + nin(w @ v, "proj_out").reshape(b, hh, ww, c)
+  assert np.max(np.abs(expected - x)) > 0.1  # the attention path contributes
+  np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
