@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.data_dir = ""  # TFDS data dir ("" = TFDS default), or the folder / TFRecord pattern.
   data.source = "tfds"  # For LSUN: tfds | tfrecords. Ignored elsewhere.
   data.shuffle_buffer = 10_000
+  # Disjoint shards of the train split, each read by one process (0: one per process). Fix it
+  # to keep the exact data stream when resuming with another process count that divides it.
+  data.num_shards = 0
   data.eval_split = "test"
 
   config.model = model = ml_collections.ConfigDict()

@@ -211,7 +211,7 @@ class Checkpointer:
     if not self._every_secs:
       return False
     due = self._clock() - self._last_save_time >= self._every_secs
-    if False:
+    if jax.process_count() > 1:
       due = bool(multihost_utils.broadcast_one_to_all(np.bool_(due)))
     return due
 
@@ -246,7 +246,7 @@ class Checkpointer:
         checkpoint may come from another device or process count.
       step: the step to restore; None for the latest.
     Returns:
-      The state, with the structure of `abstract_state` and the saved values.
+      The state, with the structure of `abstract_state` and the saved values (cast to its dtypes).
     Raises:
       FileNotFoundError: no such checkpoint.
       IncompatibleCheckpointError: the checkpoint's names or shapes differ from `abstract_state`.

@@ -73,6 +73,11 @@ def _check_batch(config, device_count: int, process_count: int) -> None:
   if batch % process_count:
     _fail("training.batch_size", batch,
           f"the global batch must divide evenly over the {process_count} processes")
+  shards = config.data.num_shards
+  if shards < 0 or (shards and (shards % process_count or batch % shards)):
+    _fail("data.num_shards", shards,
+          f"it must be 0 (one per process) or a multiple of the {process_count} processes that "
+          f"divides training.batch_size={batch}")
 
 
 def _check_model(config) -> None:

@@ -143,6 +143,16 @@ def _tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
   return builder
 
 
+def prepare_embedded_dataset(config: ml_collections.ConfigDict) -> None:
+  """Writes the embedded digits into `data.data_dir` if missing; other datasets are untouched.
+
+  Multi-process jobs call this one process at a time, so that processes sharing a data dir do
+  not write it concurrently.
+  """
+  if config.data.dataset == "digits":
+    _tfds_builder(config)
+
+
 def _tfds_not_prepared(config: ml_collections.ConfigDict, builder) -> DatasetNotPreparedError:
   name = _spec(config).tfds_name
   root = builder.data_dir_root
@@ -349,6 +359,11 @@ def _example_stream(shard: _Shard, key: tf.Tensor, buffer_size: int, start: int)
   return tf.data.Dataset.counter(start_epoch).flat_map(one_epoch)
 
 
+def num_data_shards(config: ml_collections.ConfigDict, process_count: int) -> int:
+  """`data.num_shards`, or one shard per process when it is 0."""
+  return config.data.num_shards or process_count
+
+
 def create_train_dataset(
   config: ml_collections.ConfigDict,
   *,
@@ -358,27 +373,45 @@ def create_train_dataset(
 ) -> Iterator[np.ndarray]:
   """Infinite iterator of float32 batches [training.batch_size // process_count, S, S, C].
 
-  Pixels are in [-1, 1]; the batch of step s depends only on (training.seed, process_index,
-  process_count, s), so `start_step=s` resumes exactly (see the module docstring).
+  The train split is cut into `num_data_shards` disjoint shards, each with its own stream of
+  batch_size // num_shards examples per step; a process reads the consecutive shards
+  [i * k, (i + 1) * k), k = num_shards // process_count, and concatenates their batches. The
+  global batch of step s therefore depends only on (training.seed, num_shards, s): with a fixed
+  `data.num_shards` it is the same for any process count that divides it, and `start_step=s`
+  resumes exactly (see the module docstring).
   """
-  if config.training.batch_size % process_count:
+  num_shards = num_data_shards(config, process_count)
+  batch = config.training.batch_size
+  if num_shards % process_count or batch % num_shards:
     raise ValueError(
-      f"training.batch_size={config.training.batch_size} is not divisible by "
-      f"process_count={process_count}."
+      f"data.num_shards={num_shards} must be a multiple of the {process_count} processes and "
+      f"divide training.batch_size={batch}."
     )
-  batch_size = config.training.batch_size // process_count
-  shard = _make_shard(config, None, process_index, process_count, for_training=True)
+  per_process = num_shards // process_count
+  streams = [
+    _shard_batches(config, shard, num_shards, batch // num_shards, start_step)
+    for shard in range(process_index * per_process, (process_index + 1) * per_process)
+  ]
+  ds = streams[0]
+  if per_process > 1:
+    ds = tf.data.Dataset.zip(tuple(streams)).map(lambda *b: tf.concat(b, axis=0))
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return iter(tfds.as_numpy(ds.with_options(_options())))
+
+
+def _shard_batches(config, shard_index: int, num_shards: int, batch_size: int, start_step: int):
+  """Batches [batch_size, S, S, C] of one shard's stream from step `start_step` on."""
+  shard = _make_shard(config, None, shard_index, num_shards, for_training=True)
   if shard.num_examples == 0:
-    raise ValueError(f"Process {process_index} of {process_count} got no training examples.")
-  key = tf.constant([config.training.seed, process_index], tf.int64)
+    raise ValueError(f"Data shard {shard_index} of {num_shards} got no training examples.")
+  key = tf.constant([config.training.seed, shard_index], tf.int64)
   ds = _example_stream(shard, key, config.data.shuffle_buffer, start_step * batch_size)
   random_flip = bool(config.data.random_flip)
   ds = ds.map(
     lambda image, flip: _to_model_input(image, tf.logical_and(flip, random_flip), config),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return iter(tfds.as_numpy(ds.with_options(_options())))
+  return ds.batch(batch_size, drop_remainder=True)
 
 
 def create_eval_dataset(

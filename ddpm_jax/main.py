@@ -22,7 +22,15 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops Orbax's per-save INFO lines; its warnings and errors still show."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so that --help is fast and TensorFlow never sees the accelerators.

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 from clu import metric_writers, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing, factories, image_grid, input_pipeline, sampling
 from ddpm_jax import train_state as train_state_lib
@@ -91,6 +92,15 @@ class TrainLoop:
     return path
 
 
+def prepare_data(config) -> None:
+  """Prepares the embedded dataset, one process after the other (they may share a data dir)."""
+  for index in range(jax.process_count()):
+    if index == jax.process_index():
+      input_pipeline.prepare_embedded_dataset(config)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"prepare_data_{index}")
+
+
 def _data_iterator(config, start_step: int):
   return input_pipeline.create_train_dataset(
       config, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -135,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
   tf.io.gfile.makedirs(workdir)
   write_config(config, workdir)
+  prepare_data(config)
   loop = TrainLoop(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   training = config.training

@@ -42,18 +42,15 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   The original clipped each TPU core's gradient before the cross-core mean; we clip the global
   mean gradient, the usual modern choice (identical on one device).
   """
-  chain = []
-  if optim.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(optim.grad_clip))
-  chain.append(
-      optax.adam(
-          learning_rate_schedule(optim.lr, optim.warmup_steps),
-          b1=optim.beta1,
-          b2=optim.beta2,
-          eps=optim.eps,
-      )
+  # The chain keeps its shape with clipping off, so a run can resume after changing grad_clip.
+  clip = optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity()
+  adam = optax.adam(
+      learning_rate_schedule(optim.lr, optim.warmup_steps),
+      b1=optim.beta1,
+      b2=optim.beta2,
+      eps=optim.eps,
   )
-  return optax.chain(*chain)
+  return optax.chain(clip, adam)
 
 
 def create_train_state(

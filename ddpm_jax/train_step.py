@@ -94,8 +94,8 @@ def make_train_step(
     )
     metrics = dict(
         loss=jax.lax.psum(local_loss, AXIS),
-        grad_norm=optax.global_norm(grads),
-        param_norm=optax.global_norm(params),
+        grad_norm=optax.tree.norm(grads),
+        param_norm=optax.tree.norm(params),
         lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
     )
     return new_state, metrics

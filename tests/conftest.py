@@ -1,0 +1,38 @@
+"""Test setup: 4 simulated CPU devices, quiet TensorFlow, and tiny configs."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from configs import digits  # noqa: E402
+
+
+def tiny_digits_config(**overrides):
+  """The digits config with a ~60k-parameter U-Net and short schedules."""
+  config = digits.get_config()
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (4,)
+  config.training.batch_size = 8
+  config.training.num_train_steps = 6
+  config.training.log_every = 2
+  config.training.checkpoint_every_steps = 3
+  config.training.checkpoint_every_secs = 0
+  config.training.sample_every = 0
+  config.training.num_sample_images = 4
+  config.optim.warmup_steps = 2
+  config.diffusion.num_timesteps = 20
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture
+def tiny_config():
+  return tiny_digits_config

@@ -1,0 +1,367 @@
+"""The training framework end to end: main, resume, preemption, multi-host, bad configs."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+from conftest import tiny_digits_config
+from flax import traverse_util
+
+from ddpm_jax import checkpointing, factories, train, train_state, train_step
+from ddpm_jax.config_validation import ConfigError, validate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+MOCK_MAIN = """
+import sys
+import tensorflow_datasets as tfds
+from absl import app
+from ddpm_jax import main
+with tfds.testing.mock_data(num_examples=32):
+  app.run(main.main, argv=["ddpm_jax.main", *sys.argv[1:]])
+"""
+
+
+def run_main_on_mock_data(args: list[str]) -> subprocess.CompletedProcess:
+  """Runs ddpm_jax.main's `main` with ARGS in a fresh process, TFDS mocked to random data."""
+  return subprocess.run([sys.executable, "-c", MOCK_MAIN, *args], env=subprocess_env(4),
+                        capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def restore(workdir, config):
+  loop = train.TrainLoop(config, workdir)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10, every_steps=0)
+  with ckpt:
+    return ckpt.restore(checkpointing.abstract_state(loop.init_fn, train_step.replicated(
+        loop.mesh)))
+
+
+def assert_trees_close(a, b, atol):
+  for (path, x), y in zip(traverse_util.flatten_dict(a).items(),
+                          traverse_util.flatten_dict(b).values(), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, err_msg=str(path))
+
+
+# -- The data-parallel step. -------------------------------------------------------------------
+
+
+def test_sharded_gradient_is_the_gradient_of_the_global_mean_loss():
+  """4 devices give the same loss and update as 1 device: no double pmean, no missing sum."""
+  config = tiny_digits_config(**{"model.dropout": 0.0})
+  model, diffusion = factories.create_model(config), factories.create_diffusion(config)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), x[:1], jnp.zeros((1,), jnp.int32))["params"]
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)
+  results = []
+  for n in (1, 4):
+    mesh = train_step.make_mesh(jax.devices()[:n])
+    state = train_state.create_train_state(jax.tree.map(jnp.copy, params), optax.sgd(1.0),
+                                           jax.random.PRNGKey(3))
+    step_fn = train_step.make_train_step(
+        diffusion=diffusion, model=model, optimizer=optax.sgd(1.0), lr_schedule=lambda s: 1.0,
+        ema_decay=0.5, global_batch_size=8)
+    step = train_step.shard_train_step(step_fn, mesh)
+    new, metrics = step(jax.device_put(state, train_step.replicated(mesh)),
+                        jax.device_put(x, train_step.batch_sharding(mesh)))
+    results.append((jax.device_get(new), jax.device_get(metrics)))
+  (one, m1), (four, m4) = results
+  assert float(m4["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5)
+  assert float(m4["grad_norm"]) == pytest.approx(float(m1["grad_norm"]), rel=1e-5)
+  assert_trees_close(four.params, one.params, atol=1e-5)
+  # The update is the full gradient (sgd with lr 1), and the EMA moved half way.
+  delta = jax.tree.map(lambda a, b: a - b, params, four.params)
+  assert float(optax.tree.norm(delta)) == pytest.approx(float(m4["grad_norm"]), rel=1e-4)
+  half = jax.tree.map(lambda a, b: 0.5 * (a + b), params, four.params)
+  assert_trees_close(four.ema_params, half, atol=1e-5)
+
+
+def test_state_buffers_are_distinct_for_donation():
+  config = tiny_digits_config()
+  loop = train.TrainLoop(config, "/tmp/unused")
+  state = loop.init_fn()
+  pointers = [x.addressable_shards[0].data.unsafe_buffer_pointer()
+              for x in jax.tree.leaves(state) if x.size > 1]
+  assert len(pointers) == len(set(pointers))
+
+
+def test_steps_per_call_matches_single_steps():
+  # A large Adam eps keeps Adam from turning float noise in near-zero gradients into +-lr.
+  config = tiny_digits_config(**{"optim.eps": 1e-3})
+  loop = train.TrainLoop(config, "/tmp/unused")
+  x = jax.random.uniform(jax.random.PRNGKey(0), (3, 8, 8, 8, 1), minval=-1, maxval=1)
+  state = loop.init_fn()
+  for i in range(3):
+    state, _ = loop.train_step(1)(state, jax.device_put(x[i], train_step.batch_sharding(
+        loop.mesh)))
+  multi, metrics = loop.train_step(3)(
+      loop.init_fn(), jax.device_put(x, train_step.batch_sharding(loop.mesh, 3)))
+  assert int(multi.step) == 3 and bool(metrics["finite"])
+  assert_trees_close(multi.params, state.params, atol=1e-6)
+  assert_trees_close(multi.ema_params, state.ema_params, atol=1e-6)
+
+
+# -- The main job. -----------------------------------------------------------------------------
+
+
+def test_main_end_to_end_on_mock_cifar10(tmp_path):
+  workdir = str(tmp_path / "wd")
+  overrides = [
+      "--config.model.ch=32", "--config.model.ch_mult=(1,2)", "--config.model.num_res_blocks=1",
+      "--config.model.attn_resolutions=(16,)", "--config.diffusion.num_timesteps=10",
+      "--config.training.batch_size=8", "--config.training.num_train_steps=4",
+      "--config.training.log_every=2", "--config.training.checkpoint_every_steps=2",
+      "--config.training.sample_every=4", "--config.training.num_sample_images=4",
+      "--config.data.shuffle_buffer=16",
+  ]
+  result = run_main_on_mock_data(
+      [f"--config={REPO}/configs/cifar10.py", f"--workdir={workdir}", *overrides])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  png = os.path.join(workdir, "samples", "step_00000004.png")
+  from PIL import Image
+  image = np.asarray(Image.open(png))
+  assert image.shape == (2 + 2 * 34, 2 + 2 * 34, 3) and image.std() > 0
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
+  assert events
+  scalars = read_scalars(workdir)
+  assert set(scalars) >= {"loss", "grad_norm", "param_norm", "lr", "steps_per_sec",
+                          "images_per_sec"}
+  assert [s for s, _ in scalars["loss"]] == [2, 4]
+  assert all(np.isfinite(v) and v > 0 for _, v in scalars["loss"])
+  # lr warms up linearly over 5000 steps from 0: lr(step 3) = 2e-4 * 3 / 5000.
+  assert dict(scalars["lr"])[4] == pytest.approx(2e-4 * 3 / 5000, rel=1e-5)
+
+
+def read_scalars(workdir):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()["tensors"]:
+    values = [(e.step, tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+    if all(v.ndim == 0 for _, v in values):
+      out[tag] = [(step, float(v)) for step, v in values]
+  return out
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
+  config = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 8,
+                                 "training.checkpoint_every_steps": 100})
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  half = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 4,
+                               "training.checkpoint_every_steps": 100})
+  resumed_dir = str(tmp_path / "resumed")
+  first = train.train_and_evaluate(half, resumed_dir)
+  assert int(first.step) == 4
+  resumed = train.train_and_evaluate(config, resumed_dir)
+  assert int(resumed.step) == 8
+  assert_trees_close(resumed.params, full.params, atol=1e-6)
+  assert_trees_close(resumed.ema_params, full.ema_params, atol=1e-6)
+  # The two halves differ from each other, so equality above is not trivial.
+  assert not np.allclose(jax.tree.leaves(first.params)[0], jax.tree.leaves(full.params)[0])
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, data_dir):
+  workdir = str(tmp_path / "wd")
+  config = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 3})
+  train.train_and_evaluate(config, workdir)
+  bad = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 12,
+                              "training.checkpoint_every_steps": 1, "training.log_every": 1,
+                              "optim.lr": 1e35, "optim.grad_clip": 0.0})
+  with pytest.raises(train.NonFiniteLossError, match="latest checkpoint in the workdir is intact"):
+    train.train_and_evaluate(bad, workdir)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+  state = restore(workdir, config)
+  assert checkpointing.is_finite(state)
+  assert steps[0] == 3 and all(
+      checkpointing.is_finite(restore_step(workdir, config, s)) for s in steps)
+
+
+def restore_step(workdir, config, step):
+  loop = train.TrainLoop(config, workdir)
+  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10,
+                                  every_steps=0) as ckpt:
+    return ckpt.restore(checkpointing.abstract_state(
+        loop.init_fn, train_step.replicated(loop.mesh)), step)
+
+
+# -- Subprocess runs: SIGTERM and multi-host. --------------------------------------------------
+
+
+def main_command(workdir, data_dir, num_steps, extra=()):
+  return [sys.executable, "-m", "ddpm_jax.main", f"--config={REPO}/configs/digits.py",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+          "--config.model.num_res_blocks=1", "--config.diffusion.num_timesteps=20",
+          "--config.training.batch_size=8", f"--config.training.num_train_steps={num_steps}",
+          "--config.training.log_every=2", "--config.training.checkpoint_every_steps=1000",
+          "--config.training.sample_every=0", "--config.optim.warmup_steps=2",
+          "--config.data.num_shards=2", *extra]
+
+
+def subprocess_env(devices):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return env
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, data_dir):
+  workdir = str(tmp_path / "wd")
+  proc = subprocess.Popen(main_command(workdir, data_dir, 100_000), env=subprocess_env(4),
+                          stderr=subprocess.PIPE, text=True, cwd=REPO)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if re.search(r"\[4\] .*loss", line):
+      break
+  proc.send_signal(signal.SIGTERM)
+  _, rest = proc.communicate(timeout=120)
+  assert proc.returncode == 0, "".join(lines) + rest
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert len(steps) == 1 and 4 <= steps[0] < 100_000
+  resumed = subprocess.run(main_command(workdir, data_dir, steps[0] + 2),
+                           env=subprocess_env(4), capture_output=True, text=True, cwd=REPO,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from the checkpoint of step {steps[0]}" in resumed.stderr
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [
+      steps[0], steps[0] + 2]
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+# Adam turns float noise in near-zero gradients (the cross-process sum adds in another order)
+# into +-lr steps; a large eps keeps the comparison about the gradients themselves.
+ADAM_EPS = "--config.optim.eps=1e-3"
+
+
+def run_two_processes(workdir, data_dir, num_steps):
+  port = free_port()
+  procs = [
+      subprocess.Popen(
+          main_command(workdir, data_dir, num_steps, [
+              f"--coordinator_address=localhost:{port}", "--num_processes=2",
+              f"--process_id={i}", ADAM_EPS]),
+          env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+          cwd=REPO)
+      for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, err[-4000:]
+  return [err for _, err in outputs]
+
+
+def test_two_processes_match_one_process(tmp_path, data_dir):
+  multi_dir, single_dir = str(tmp_path / "multi"), str(tmp_path / "single")
+  run_two_processes(multi_dir, data_dir, 3)
+  logs = run_two_processes(multi_dir, data_dir, 6)  # Resumes from step 3.
+  assert "Resumed from the checkpoint of step 3" in logs[0]
+  assert "Resumed from the checkpoint of step 3" in logs[1]
+  single = subprocess.run(main_command(single_dir, data_dir, 6, [ADAM_EPS]), env=subprocess_env(4),
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  multi_state = restore(multi_dir, digits_cli_config(data_dir))
+  single_state = restore(single_dir, digits_cli_config(data_dir))
+  assert int(multi_state.step) == int(single_state.step) == 6
+  assert_trees_close(multi_state.params, single_state.params, atol=1e-5)
+  assert_trees_close(multi_state.ema_params, single_state.ema_params, atol=1e-5)
+
+
+def digits_cli_config(data_dir):
+  from configs import digits
+
+  config = digits.get_config()
+  config.data.data_dir = data_dir
+  config.model.num_res_blocks = 1
+  config.diffusion.num_timesteps = 20
+  config.data.num_shards = 2
+  return config
+
+
+# -- Config validation. ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"training.batch_size": 6}, r"training.batch_size=6 .*divide evenly over the 4 devices"),
+        ({"data.image_size": 9}, r"data.image_size=9 .*halves it 1 times.*multiple of 2"),
+        ({"diffusion.beta_schedule": "sigmoid"},
+         r"diffusion.beta_schedule='sigmoid'.*allowed values are linear, quad"),
+        ({"diffusion.loss_type": "l1"}, r"diffusion.loss_type='l1'.*mse, kl, hybrid"),
+        ({"diffusion.model_mean_type": "v"}, r"diffusion.model_mean_type='v'.*eps, xstart"),
+        ({"diffusion.model_var_type": "learned"},
+         r"config.diffusion: loss_type 'mse' cannot train model_var_type 'learned'"),
+        ({"data.dataset": "imagenet"}, r"data.dataset='imagenet'.*cifar10, celeb_a_hq"),
+        ({"model.ch": 48}, r"model.ch=48 .*multiple of 32"),
+        ({"model.attn_resolutions": (16,)}, r"model.attn_resolutions=\(16,\).*\[4, 8\]"),
+        ({"training.steps_per_call": 3}, r"training.log_every=2 .*steps_per_call=3"),
+        ({"model.dtype": "float16"}, r"model.dtype='float16'.*float32, bfloat16"),
+        ({"data.num_shards": 3}, r"data.num_shards=3 .*divides training.batch_size=8"),
+    ],
+)
+def test_bad_configs_name_field_value_and_allowed(overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    validate_config(tiny_digits_config(**overrides), device_count=4)
+
+
+def test_the_shipped_configs_are_valid():
+  import importlib
+
+  for name in ("default", "cifar10", "celeb_a_hq", "lsun_church", "lsun_bedroom", "lsun_cat",
+               "digits"):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    validate_config(config, device_count=4)
+
+
+def test_main_reports_a_bad_config_in_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "ddpm_jax.main", f"--config={REPO}/configs/digits.py",
+       f"--workdir={tmp_path}", "--config.training.batch_size=6"],
+      env=subprocess_env(4), capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 2
+  assert "error: config.training.batch_size=6 is not allowed" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_main_reports_a_missing_dataset(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "ddpm_jax.main", f"--config={REPO}/configs/cifar10.py",
+       f"--workdir={tmp_path / 'wd'}", f"--config.data.data_dir={tmp_path / 'nodata'}"],
+      env=subprocess_env(4), capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "cifar10" in result.stderr and "download_and_prepare" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_parameter_count_of_the_digits_default():
+  from configs import digits
+
+  config = digits.get_config()
+  model = factories.create_model(config)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)),
+                          jnp.zeros((1,), jnp.int32))
+  assert train_step.param_count(shapes["params"]) == 1_001_729
