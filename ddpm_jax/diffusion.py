@@ -405,6 +405,64 @@ class GaussianDiffusion:
 
     return jax.lax.fori_loop(0, self.num_timesteps, body, (x_T, preds))
 
+  def ddim_timesteps(self, num_steps: int) -> np.ndarray:
+    """`num_steps` timesteps spread evenly over [0, T-1], ascending (all T for num_steps=T)."""
+    if not 1 <= num_steps <= self.num_timesteps:
+      raise ValueError(
+          f"num_steps must be in [1, {self.num_timesteps}] (the number of diffusion steps), "
+          f"got {num_steps}."
+      )
+    return np.unique(np.round(np.linspace(0, self.num_timesteps - 1, num_steps)).astype(np.int32))
+
+  def _ddim_coefficients(self, timesteps: np.ndarray, eta: float) -> dict[str, np.ndarray]:
+    """float64 coefficients of x_{t'} = c_x0 x0 + c_eps eps + sigma z for each t of `timesteps`,
+    t' the previous timestep (or "x_0" with abar = 1 before the first)."""
+    abar = self.alphas_cumprod[timesteps]
+    abar_prev = np.append(1.0, abar[:-1])
+    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+    return dict(
+        c_x0=np.sqrt(abar_prev),
+        c_eps=np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0)),
+        sigma=sigma,
+    )
+
+  def ddim_sample_loop(
+      self,
+      model_fn: ModelFn,
+      shape: tuple[int, ...],
+      rng: Array,
+      *,
+      num_steps: int,
+      eta: float = 0.0,
+      clip_denoised: bool = True,
+  ) -> Array:
+    """DDIM (Song et al. 2021) over `num_steps` strided timesteps; eta=0 is deterministic.
+
+    x_{t'} = sqrt(abar_t') x0 + sqrt(1 - abar_t' - sigma^2) eps + sigma z with
+    sigma = eta sqrt((1 - abar_t') / (1 - abar_t)) sqrt(1 - abar_t / abar_t'), where x0 (clipped
+    if asked) and eps are the model's predictions. With eta = 1 and all T steps this is the
+    ancestral sampler with the posterior variance (`fixedsmall`), on the same noise for the same
+    rng as `p_sample_loop`. Returns x_0 `shape` = [B, H, W, C].
+    """
+    timesteps = self.ddim_timesteps(num_steps)
+    coef = {k: jnp.asarray(v, jnp.float32) for k, v in self._ddim_coefficients(
+        timesteps, eta).items()}
+    ts = jnp.asarray(timesteps)
+    init_rng, loop_rng = _split(rng)
+    x_T = _normal(init_rng, shape)
+
+    def body(i, x):
+      j = len(timesteps) - 1 - i
+      t = ts[j]
+      t_b = jnp.full((shape[0],), t, dtype=jnp.int32)
+      mean_output, _ = self._split_output(model_fn(x, t_b), x)
+      _, pred_xstart = self._mean_from_output(mean_output, x, t_b, clip_denoised)
+      eps = self.predict_eps_from_xstart(x, t_b, pred_xstart)
+      noise = _normal(_fold_in(loop_rng, t), shape)
+      return coef["c_x0"][j] * pred_xstart + coef["c_eps"][j] * eps + coef["sigma"][j] * noise
+
+    return jax.lax.fori_loop(0, len(timesteps), body, x_T)
+
   def interpolate(
       self,
       model_fn: ModelFn,

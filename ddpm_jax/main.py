@@ -6,6 +6,7 @@ command resumes from the latest checkpoint in `--workdir`.
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -22,11 +23,11 @@ flags.DEFINE_integer("process_id", None, "This process's index in a multi-host r
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.logging.Filter):
+class _QuietLibraries(std_logging.Filter):
   """Drops Orbax's per-save INFO lines; its warnings and errors still show."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):

@@ -172,11 +172,13 @@ def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
   config, training = loop.config, loop.config.training
   num_steps = training.num_train_steps
   data_iter = _data_iterator(config, start_step)
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  # Logs progress and ETA; the scalars (steps/s, images/s) are written at log steps below.
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps)
   preemption = PreemptionWatcher()
   metrics = MetricsBuffer()
   step, k = start_step, training.steps_per_call
   last_log_time, last_log_step = time.time(), start_step
+  sample_path = None
   try:
     while step < num_steps:
       n = k if step % k == 0 and step + k <= num_steps else 1
@@ -185,7 +187,8 @@ def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
       step += n
       metrics.add(step, m)
       report(step)
-      if step % training.log_every == 0 or step == num_steps:
+      log_step = step % training.log_every == 0 or step == num_steps
+      if log_step:
         summary = metrics.flush()
         now = time.time()
         rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
@@ -193,15 +196,20 @@ def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
         writer.write_scalars(step, summary)
         last_log_time, last_log_step = now, step
       stopping = preemption.reached(step)
-      if stopping or step == num_steps or ckpt.should_save(step):
+      # The time-based save is decided at log steps (a collective with several processes).
+      every = training.checkpoint_every_steps
+      due = log_step or (every and step % every == 0)
+      if stopping or step == num_steps or (due and ckpt.should_save(step)):
         metrics.flush()  # Never checkpoint a state that followed a non-finite loss.
         ckpt.save(step, state, force=True)
       if training.sample_every and (step % training.sample_every == 0 or step == num_steps):
-        loop.sample_grid(state, step, writer)
+        sample_path = loop.sample_grid(state, step, writer)
       if stopping:
         logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
         break
   finally:
     preemption.close()
   ckpt.wait_until_finished()
+  if sample_path:
+    print(f"Trained to step {step}. EMA samples: {sample_path}", flush=True)
   return state

@@ -299,6 +299,43 @@ def test_sampler_reproduces_gaussian_data(var_type):
   assert abs(stats.skew(x)) < 0.1
 
 
+def test_ddim_with_eta_one_over_all_steps_is_the_ancestral_sampler():
+  d = linear_diffusion(model_var_type="fixedsmall")
+  model = optimal_eps_model(d)
+  rng = jax.random.PRNGKey(7)
+  for clip in (False, True):
+    ancestral = d.p_sample_loop(model, (64, 2, 2, 1), rng, clip_denoised=clip)
+    ddim = d.ddim_sample_loop(model, (64, 2, 2, 1), rng, num_steps=T, eta=1.0, clip_denoised=clip)
+    np.testing.assert_allclose(ddim, ancestral, atol=2e-4)
+  # fixedlarge uses other variances: the two must differ there.
+  large = linear_diffusion(model_var_type="fixedlarge")
+  assert not np.allclose(large.p_sample_loop(model, (64, 2, 2, 1), rng), ddim, atol=1e-2)
+
+
+def test_ddim_deterministic_sampler_reproduces_gaussian_data():
+  d = linear_diffusion()
+  model = optimal_eps_model(d)
+  stds = []
+  for num_steps in (50, 1000):
+    x = np.asarray(d.ddim_sample_loop(model, (4000, 2, 2, 1), jax.random.PRNGKey(0),
+                                      num_steps=num_steps, eta=0.0, clip_denoised=False)).ravel()
+    assert x.mean() == pytest.approx(MU, abs=0.02)
+    stds.append(x.std())
+  # The ODE's discretisation error shrinks the spread a little at 50 steps, not at 1000.
+  assert stds[1] == pytest.approx(S, rel=0.03)
+  assert S * 0.85 < stds[0] < stds[1]
+  # eta = 0: the result is a function of x_T alone (same keys, batched: x_T is per example).
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  a = d.ddim_sample_loop(model, (3, 2, 2, 1), keys, num_steps=10, eta=0.0)
+  b = d.ddim_sample_loop(model, (3, 2, 2, 1), keys, num_steps=10, eta=0.0)
+  c = d.ddim_sample_loop(model, (3, 2, 2, 1), keys, num_steps=10, eta=1.0)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  np.testing.assert_array_equal(d.ddim_timesteps(5), [0, 250, 500, 749, 999])
+  with pytest.raises(ValueError, match=r"num_steps must be in \[1, 1000\]"):
+    d.ddim_timesteps(0)
+
+
 def test_sampling_is_one_compiled_loop():
   d = linear_diffusion()
   calls = []

@@ -159,6 +159,24 @@ def test_processes_read_disjoint_parts_covering_the_split(digits_dir):
   assert sum((parts[0] & parts[1]).values()) < 20  # Only the few duplicate digits of sklearn.
 
 
+def test_fixed_num_shards_gives_the_same_global_batches_for_any_process_count(digits_dir):
+  config = make_config(data_dir=digits_dir, batch_size=8)
+  config.data.num_shards = 4
+  config.data.random_flip = True
+  one = take(input_pipeline.create_train_dataset(config, process_index=0, process_count=1), 3)
+  for process_count in (2, 4):
+    parts = [
+      take(input_pipeline.create_train_dataset(
+        config, process_index=i, process_count=process_count, start_step=1), 2)
+      for i in range(process_count)
+    ]
+    for step in range(2):
+      np.testing.assert_array_equal(
+        np.concatenate([p[step] for p in parts]), one[step + 1])
+  # Shards are disjoint: the 4 quarters of a global batch come from different examples.
+  assert len(image_counts(np.concatenate(one))) > 20
+
+
 def test_eval_is_padded_disjoint_and_in_lockstep(digits_dir):
   config = make_config(data_dir=digits_dir)
   kwargs = dict(process_count=2, batch_size_per_process=64)
@@ -302,7 +320,7 @@ def test_bad_config_values():
   config.data.source = "lmdb"
   with pytest.raises(ValueError, match="data.source"):
     input_pipeline.create_train_dataset(config, process_index=0, process_count=1)
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(ValueError, match="divide training.batch_size=101"):
     input_pipeline.create_train_dataset(
       make_config(batch_size=101), process_index=0, process_count=2
     )
