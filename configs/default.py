@@ -64,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.sample_every = 50_000
   training.num_sample_images = 64
   training.log_every = 100
+  # At the end of training: FID (and IS) of this many EMA samples against the real data (0: off).
+  training.fid_num_samples = 0
   training.seed = 0
 
   config.sample = sample = ml_collections.ConfigDict()
@@ -79,6 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.batch_size = 256
   eval_config.num_examples = -1  # -1: the whole split.
-  eval_config.inception_weights = ""
+  eval_config.inception_weights = ""  # The .npz made by ddpm_jax.metrics.convert_inception.
+  eval_config.fid_split = "train"  # The paper's CIFAR-10 FID is against the training set.
+  eval_config.fid_stats_dir = ""  # Cache of reference statistics ("": ~/.cache/ddpm_jax).
 
   return config

@@ -32,6 +32,7 @@ def get_config():
   config.training.log_every = 100
   config.training.sample_every = 2_000
   config.training.num_sample_images = 100
+  config.training.fid_num_samples = 500
 
   config.sample.batch_size = 500
   config.eval.batch_size = 297

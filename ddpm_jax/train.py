@@ -77,16 +77,19 @@ class TrainLoop:
       self._compiled_steps[steps] = train_step_lib.shard_train_step(self.step_fn, self.mesh, steps)
     return self._compiled_steps[steps]
 
-  def sample_grid(self, state, step: int, writer) -> str | None:
-    """Samples `training.num_sample_images` with the EMA params; writes a PNG and TensorBoard."""
-    n = self.config.training.num_sample_images
-    keys = sampling.sample_keys(jax.random.PRNGKey(self.config.sample.seed), 0, n)
-    images = image_grid.to_uint8(self.sampler(state.ema_params, keys))
+  def sample_images(self, state, num_images: int) -> np.ndarray:
+    """uint8 `[N, H, W, C]` EMA samples; sample i depends only on (sample.seed, i)."""
+    keys = sampling.sample_keys(jax.random.PRNGKey(self.config.sample.seed), 0, num_images)
+    return image_grid.to_uint8(self.sampler(state.ema_params, keys))
+
+  def write_grid(self, images: np.ndarray, step: int, writer) -> str | None:
+    """Writes the grid to TensorBoard and `samples/step_<N>.png` (small images upscaled)."""
     if jax.process_index() != 0:
       return None
     grid = image_grid.make_grid(images)
+    scale = max(1, 64 // images.shape[1])
     path = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
-    image_grid.save_png(path, grid)
+    image_grid.save_png(path, grid.repeat(scale, axis=0).repeat(scale, axis=1))
     writer.write_images(step, {"ema_samples": grid[None]})
     logging.info("Wrote EMA samples of step %d to %s", step, path)
     return path
@@ -99,6 +102,18 @@ def prepare_data(config) -> None:
       input_pipeline.prepare_embedded_dataset(config)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"prepare_data_{index}")
+
+
+def report_sample_quality(config, images: np.ndarray, step: int, writer) -> dict[str, float]:
+  """FID (and IS) of uint8 EMA samples `[N, H, W, C]` against the real data (process 0)."""
+  from ddpm_jax import sample_quality  # The feature networks are only needed here.
+
+  result = sample_quality.evaluate_samples(config, images)
+  writer.write_scalars(step, {f"sample_quality/{k}": v for k, v in result.items()})
+  summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+  print(f"Sample quality of {len(images)} EMA samples at step {step} ({config.data.dataset}, "
+        f"against its {config.eval.fid_split} split): {summary}", flush=True)
+  return result
 
 
 def _data_iterator(config, start_step: int):
@@ -167,6 +182,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   return state
 
 
+def _sample(loop: TrainLoop, state, step: int, writer) -> str | None:
+  """The EMA sample grid (if `training.sample_every`), and at the last step the sample quality
+  of `training.fid_num_samples` samples (the grid's are the first of them)."""
+  training = loop.config.training
+  n_grid = training.num_sample_images if training.sample_every else 0
+  n_fid = training.fid_num_samples if step == training.num_train_steps else 0
+  if not max(n_grid, n_fid):
+    return None
+  images = loop.sample_images(state, max(n_grid, n_fid))
+  path = loop.write_grid(images[:n_grid], step, writer) if n_grid else None
+  if n_fid and jax.process_index() == 0:
+    report_sample_quality(loop.config, images, step, writer)
+  return path
+
+
 def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
   """Steps from `start_step` to `training.num_train_steps`, or until preempted."""
   config, training = loop.config, loop.config.training
@@ -202,8 +232,8 @@ def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
       if stopping or step == num_steps or (due and ckpt.should_save(step)):
         metrics.flush()  # Never checkpoint a state that followed a non-finite loss.
         ckpt.save(step, state, force=True)
-      if training.sample_every and (step % training.sample_every == 0 or step == num_steps):
-        sample_path = loop.sample_grid(state, step, writer)
+      if step == num_steps or (training.sample_every and step % training.sample_every == 0):
+        sample_path = _sample(loop, state, step, writer) or sample_path
       if stopping:
         logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
         break

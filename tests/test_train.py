@@ -136,7 +136,8 @@ def test_main_end_to_end_on_mock_cifar10(tmp_path):
   png = os.path.join(workdir, "samples", "step_00000004.png")
   from PIL import Image
   image = np.asarray(Image.open(png))
-  assert image.shape == (2 + 2 * 34, 2 + 2 * 34, 3) and image.std() > 0
+  # A 2x2 grid of 32x32 images with 2-pixel padding, upscaled 2x for viewing.
+  assert image.shape == (2 * (2 + 2 * 34), 2 * (2 + 2 * 34), 3) and image.std() > 0
   assert os.path.exists(os.path.join(workdir, "config.json"))
   events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
   assert events
@@ -177,6 +178,22 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
   assert_trees_close(resumed.ema_params, full.ema_params, atol=1e-6)
   # The two halves differ from each other, so equality above is not trivial.
   assert not np.allclose(jax.tree.leaves(first.params)[0], jax.tree.leaves(full.params)[0])
+
+
+def test_training_ends_with_samples_and_their_sample_quality(tmp_path, data_dir, capsys):
+  config = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 2,
+                                 "training.sample_every": 2, "training.num_sample_images": 4,
+                                 "training.fid_num_samples": 40})
+  train.train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  match = re.search(r"Sample quality of 40 EMA samples at step 2 \(digits, against its train "
+                    r"split\): fid ([0-9.e+]+), num_samples 40, inception_score ([0-9.e+]+)", out)
+  assert match, out
+  # Two training steps give noise, far from the digits, and a weak IS (at most 10 classes).
+  assert float(match.group(1)) > 10 and 1 <= float(match.group(2)) < 10
+  assert f"EMA samples: {tmp_path}/samples/step_00000002.png" in out
+  scalars = read_scalars(str(tmp_path))
+  assert scalars["sample_quality/fid"][0][1] == pytest.approx(float(match.group(1)), rel=1e-3)
 
 
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, data_dir):
