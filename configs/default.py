@@ -84,5 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   eval_config.inception_weights = ""  # The .npz made by ddpm_jax.metrics.convert_inception.
   eval_config.fid_split = "train"  # The paper's CIFAR-10 FID is against the training set.
   eval_config.fid_stats_dir = ""  # Cache of reference statistics ("": ~/.cache/ddpm_jax).
+  eval_config.bpd = True  # --mode=eval: bits/dim of the eval split and the rate-distortion table.
+  eval_config.sample_quality = True  # --mode=eval: FID/IS of sample.num_samples samples.
+  eval_config.watch = False  # --mode=eval: evaluate each checkpoint as training writes it.
+  eval_config.watch_poll_secs = 60.0
 
   return config

@@ -149,6 +149,7 @@ class Checkpointer:
       all devices).
     async_save: write in a background thread; `save` returns once the arrays are copied to host
       memory, so their buffers may be donated right after.
+    read_only: only restore: never create, clean up or write anything in `directory`.
     clock: monotonic clock in seconds, injectable for tests.
   """
 
@@ -161,6 +162,7 @@ class Checkpointer:
       every_secs: float = 0.0,
       default_sharding: jax.sharding.Sharding | None = None,
       async_save: bool = True,
+      read_only: bool = False,
       clock: Callable[[], float] = time.monotonic,
   ):
     if keep < 1:
@@ -174,8 +176,11 @@ class Checkpointer:
     self._last_save_time = clock()
     options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),  # Replaces max_to_keep.
-      create=True,
-      cleanup_tmp_directories=True,  # Leftovers of saves that were killed midway.
+      # Leftovers of saves that were killed midway; a reader (sampling or evaluation next to a
+      # running training job) must not delete the save in flight.
+      cleanup_tmp_directories=not read_only,
+      create=not read_only,
+      read_only=read_only,
       enable_async_checkpointing=async_save,
     )
     # An explicit registry lets a fresh manager read metadata before its first save or restore.

@@ -151,6 +151,24 @@ def test_keeps_only_the_latest_k(tmp_path):
     assert_state_equal(ckpt.restore(abstract_train_state(), step=4), make_state(4))
 
 
+def test_a_read_only_reader_leaves_a_save_in_flight_alone(tmp_path):
+  with Checkpointer(tmp_path, keep=2, every_steps=1) as ckpt:
+    ckpt.save(5, make_state(5))
+  in_flight = tmp_path / "6.orbax-checkpoint-tmp"
+  in_flight.mkdir()
+  with Checkpointer(tmp_path, keep=2, every_steps=1, read_only=True) as reader:
+    assert reader.latest_step() == 5
+    assert_state_equal(reader.restore(abstract_train_state()), make_state(5))
+  assert in_flight.exists()
+  with Checkpointer(tmp_path, keep=2, every_steps=1):
+    pass
+  assert not in_flight.exists()  # A writer cleans up what a killed save left.
+  with pytest.raises(FileNotFoundError, match="No checkpoint found"):
+    Checkpointer(tmp_path / "none", keep=1, every_steps=1, read_only=True).restore(
+        abstract_train_state())
+  assert not (tmp_path / "none").exists()
+
+
 def test_should_save_by_steps_and_seconds(tmp_path):
   clock = FakeClock()
   state = make_state(0)

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -292,18 +293,26 @@ def run_two_processes(workdir, data_dir, num_steps):
 
 def test_two_processes_match_one_process(tmp_path, data_dir):
   multi_dir, single_dir = str(tmp_path / "multi"), str(tmp_path / "single")
+  mixed_dir = str(tmp_path / "mixed")
   run_two_processes(multi_dir, data_dir, 3)
+  shutil.copytree(multi_dir, mixed_dir)
   logs = run_two_processes(multi_dir, data_dir, 6)  # Resumes from step 3.
   assert "Resumed from the checkpoint of step 3" in logs[0]
   assert "Resumed from the checkpoint of step 3" in logs[1]
   single = subprocess.run(main_command(single_dir, data_dir, 6, [ADAM_EPS]), env=subprocess_env(4),
                           capture_output=True, text=True, cwd=REPO, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
-  multi_state = restore(multi_dir, digits_cli_config(data_dir))
+  # The two-process checkpoint of step 3 resumes in one process with 4 devices.
+  mixed = subprocess.run(main_command(mixed_dir, data_dir, 6, [ADAM_EPS]), env=subprocess_env(4),
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert mixed.returncode == 0, mixed.stderr[-3000:]
+  assert "Resumed from the checkpoint of step 3" in mixed.stderr
   single_state = restore(single_dir, digits_cli_config(data_dir))
-  assert int(multi_state.step) == int(single_state.step) == 6
-  assert_trees_close(multi_state.params, single_state.params, atol=1e-5)
-  assert_trees_close(multi_state.ema_params, single_state.ema_params, atol=1e-5)
+  for other_dir in (multi_dir, mixed_dir):
+    state = restore(other_dir, digits_cli_config(data_dir))
+    assert int(state.step) == int(single_state.step) == 6
+    assert_trees_close(state.params, single_state.params, atol=1e-5)
+    assert_trees_close(state.ema_params, single_state.ema_params, atol=1e-5)
 
 
 def digits_cli_config(data_dir):

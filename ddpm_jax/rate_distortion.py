@@ -1,0 +1,203 @@
+"""Rate-distortion of the progressive lossy code (Ho et al. 2020, sec. 4.3, Table 4, Fig. 5).
+
+Time. `calc_bpd_loop` indexes its terms by the 0-based code step t = 0..T-1 (code step t is the
+paper's step t+1): term t >= 1 is KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) (the paper's
+L_t), term 0 is the discretised decoder NLL (the paper's L_0), and the prior term is the paper's
+L_T. The sender transmits x_{T-1} (at the cost of the prior), then x_{T-2}, ..., one reverse step
+at a time; sending x_{s-1} given x_s costs term s. *Reverse time* k = T - t counts the steps the
+receiver has decoded: it holds the code's x_t, which is the paper's x_{t+1}, and the paper's
+"reverse process time T - t + 1" (paper t, 1-based) is the same number k. k runs from 1 (only
+x_{T-1} received) to T (x_0 received).
+
+Rate at reverse time k (bits/dim): what the receiver has received down to x_t, t = T - k:
+  rate_k = prior + sum_{s = t+1}^{T-1} terms[s].
+The decoder term L_0 is not part of any rate: as in the paper, the code is lossy and L_0 is
+the distortion in bits, so rate_T + L_0 = total bpd (paper: rate 1.78 + distortion 1.97 = 3.75
+bits/dim on CIFAR-10).
+
+Distortion at reverse time k: the RMSE on the 0..255 scale of the x_0 predicted from x_t,
+  distortion_k = 127.5 * sqrt(mean over images and dims of (x0_pred - x0)^2),
+i.e. the square root of the batch-mean MSE (not the mean of per-image RMSEs); `mse` holds each
+image's mean over dims in the [-1, 1] scale, and all images have the same number of dims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageDraw, ImageFont
+
+Array = Any
+Row = tuple[int, float, float]
+
+CSV_HEADER = "reverse_time,rate_bits_per_dim,distortion_rmse"
+PANEL_SIZE = (360, 280)  # Width, height of each of the three plot panels.
+LINE_COLOR = (31, 119, 180)
+_MARGINS = (64, 30, 16, 44)  # Left, top, right, bottom, around each plot area.
+
+
+@dataclasses.dataclass(frozen=True)
+class RateDistortion:
+  """Rate and distortion at every reverse time k = 1..T (index k - 1), batch means.
+
+  Attributes:
+    reverse_time: `[T]` int, 1..T.
+    rate: `[T]` bits/dim received at each reverse time (non-decreasing).
+    distortion: `[T]` RMSE of the predicted x_0 on the 0..255 scale.
+  """
+
+  reverse_time: np.ndarray
+  rate: np.ndarray
+  distortion: np.ndarray
+
+  @property
+  def num_timesteps(self) -> int:
+    return int(self.reverse_time.shape[0])
+
+  def table(self, every: int | None = None) -> list[Row]:
+    """Rows (reverse time, rate, distortion) at T, T - every, ..., as in the paper's Table 4.
+
+    `every` defaults to T // 10: rows at 1000, 900, ..., 100 for T = 1000, 20, 18, ..., 2 for 20.
+    """
+    every = every or max(self.num_timesteps // 10, 1)
+    if every < 1:
+      raise ValueError(f"every must be >= 1, got {every}.")
+    times = range(self.num_timesteps, 0, -every)
+    return [(k, float(self.rate[k - 1]), float(self.distortion[k - 1])) for k in times]
+
+
+def rate_distortion(terms_bpd: Array, mse: Array, prior_bpd: Array) -> RateDistortion:
+  """The curve from `calc_bpd_loop` outputs: terms `[B, T]`, mse `[B, T]`, prior `[B]`."""
+  terms = np.asarray(terms_bpd, np.float64).mean(axis=0)  # [T], indexed by code step t.
+  mse_mean = np.asarray(mse, np.float64).mean(axis=0)
+  prior = float(np.asarray(prior_bpd, np.float64).mean())
+  if terms.shape != mse_mean.shape or terms.ndim != 1:
+    raise ValueError(f"terms_bpd {np.shape(terms_bpd)} and mse {np.shape(mse)} must be [B, T].")
+  num_timesteps = terms.shape[0]
+  # Reverse time k holds x_t, t = T - k, after paying terms T-1 .. t+1: a cumulative sum over
+  # the terms in reverse order, shifted by one so that k = 1 has paid the prior only.
+  received = np.concatenate([[0.0], np.cumsum(terms[::-1])[:-1]])
+  return RateDistortion(
+      reverse_time=np.arange(1, num_timesteps + 1),
+      rate=prior + received,
+      distortion=127.5 * np.sqrt(mse_mean[::-1]),
+  )
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+  """Writes `data` to `path` (local or gs://) under a temporary name, then renames it."""
+  directory = path.rsplit("/", 1)[0] if "/" in path else "."
+  tf.io.gfile.makedirs(directory)
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    f.write(data)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def write_csv(path: str, rows: Sequence[Row]) -> None:
+  """Writes rows (reverse time, rate, distortion) under `CSV_HEADER`, atomically (gs:// too)."""
+  lines = [CSV_HEADER] + [f"{int(k)},{rate:.9g},{dist:.9g}" for k, rate, dist in rows]
+  write_file_atomically(path, ("\n".join(lines) + "\n").encode())
+
+
+def curve_rows(curve: RateDistortion) -> list[Row]:
+  """Every reverse time as a row, from T down to 1 (the order of the paper's table)."""
+  return curve.table(every=1)
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> tuple[np.ndarray, int]:
+  """Round tick values covering [lo, hi] and the number of decimals to print them with."""
+  if not hi > lo:
+    hi = lo + 1.0
+  raw = (hi - lo) / count
+  magnitude = 10.0 ** math.floor(math.log10(raw))
+  step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+  ticks = np.arange(math.ceil(lo / step - 1e-9) * step, hi + step * 1e-6, step)
+  decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+  if step * 10**decimals % 1:  # 2.5 * 10^k needs one more decimal.
+    decimals += 1
+  return ticks, decimals
+
+
+def _axis_range(values: np.ndarray) -> tuple[float, float]:
+  """From 0 (every plotted quantity is non-negative) to the largest value."""
+  lo, hi = min(float(np.min(values)), 0.0), float(np.max(values))
+  if hi <= lo:
+    hi = lo + 1.0
+  return lo, hi
+
+
+def _vertical_text(text: str, font) -> Image.Image:
+  box = font.getbbox(text)
+  label = Image.new("L", (box[2] + 2, box[3] + 2), 0)
+  ImageDraw.Draw(label).text((1, 1), text, fill=255, font=font)
+  return label.rotate(90, expand=True)
+
+
+def _draw_panel(image: Image.Image, origin: tuple[int, int], x: np.ndarray, y: np.ndarray,
+                labels: tuple[str, str, str]) -> None:
+  """One line plot of y `[N]` against x `[N]` with axes, ticks, tick labels and titles."""
+  font = ImageFont.load_default()
+  draw = ImageDraw.Draw(image)
+  left, top, right, bottom = _MARGINS
+  x0, y0 = origin[0] + left, origin[1] + top
+  x1, y1 = origin[0] + PANEL_SIZE[0] - right, origin[1] + PANEL_SIZE[1] - bottom
+  (xlo, xhi), (ylo, yhi) = _axis_range(x), _axis_range(y)
+  xticks, xdec = _nice_ticks(xlo, xhi)
+  yticks, ydec = _nice_ticks(ylo, yhi)
+  xlo, xhi = min(xlo, xticks[0]), max(xhi, xticks[-1])
+  ylo, yhi = min(ylo, yticks[0]), max(yhi, yticks[-1])
+  px = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)
+  py = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)
+  draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
+  for v in xticks:
+    draw.line((px(v), y1, px(v), y1 + 4), fill=(0, 0, 0))
+    draw.text((px(v), y1 + 6), f"{v:.{xdec}f}", fill=(0, 0, 0), font=font, anchor="ma")
+  for v in yticks:
+    draw.line((x0 - 4, py(v), x0, py(v)), fill=(0, 0, 0))
+    draw.text((x0 - 6, py(v)), f"{v:.{ydec}f}", fill=(0, 0, 0), font=font, anchor="rm")
+  draw.line([(px(a), py(b)) for a, b in zip(x, y, strict=True)], fill=LINE_COLOR, width=2)
+  title, xlabel, ylabel = labels
+  draw.text(((x0 + x1) / 2, origin[1] + 8), title, fill=(0, 0, 0), font=font, anchor="ma")
+  draw.text(((x0 + x1) / 2, y1 + 24), xlabel, fill=(0, 0, 0), font=font, anchor="ma")
+  ylabel_image = _vertical_text(ylabel, font)
+  top_y = (y0 + y1) // 2 - ylabel_image.height // 2
+  image.paste((0, 0, 0), (origin[0] + 4, top_y), ylabel_image)
+
+
+def render_plot(rate: Array, distortion: Array) -> np.ndarray:
+  """Fig. 5 as uint8 `[H, W, 3]`: rate and distortion against reverse time, distortion vs rate.
+
+  `rate` and `distortion` are `[T]`, indexed by reverse time k - 1 (see `RateDistortion`).
+  """
+  rate, distortion = np.asarray(rate, np.float64), np.asarray(distortion, np.float64)
+  reverse_time = np.arange(1, rate.shape[0] + 1, dtype=np.float64)
+  width, height = PANEL_SIZE
+  image = Image.new("RGB", (3 * width, height), (255, 255, 255))
+  panels = [
+      (reverse_time, rate, ("Rate", "reverse process steps (T - t + 1)", "rate (bits/dim)")),
+      (reverse_time, distortion, ("Distortion", "reverse process steps (T - t + 1)",
+                                  "distortion (RMSE, [0, 255])")),
+      (rate, distortion, ("Rate-distortion", "rate (bits/dim)", "distortion (RMSE, [0, 255])")),
+  ]
+  for i, (x, y, labels) in enumerate(panels):
+    _draw_panel(image, (i * width, 0), x, y, labels)
+  return np.asarray(image)
+
+
+def plot_png(path: str, rate: Array, distortion: Array) -> np.ndarray:
+  """Writes `render_plot(rate, distortion)` as a PNG at `path` (atomically); returns the image."""
+  pixels = render_plot(rate, distortion)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  write_file_atomically(path, buffer.getvalue())
+  return pixels

@@ -1,0 +1,302 @@
+"""`--mode=sample`: many EMA samples of a checkpoint, over every device, resumable by rerunning.
+
+`run_sampling(config, workdir)` restores the EMA parameters of the latest checkpoint (or of
+`sample.checkpoint_step`), draws `sample.num_samples` images in global batches of
+`sample.batch_size` spread over all devices of all processes, and writes them as it goes::
+
+  <workdir>/samples_step<step>_<sampler>_<num_steps>steps[_eta<eta>]_seed<seed>[_noclip]/
+    shard_00000.npz   images uint8 [b, H, W, C], indices int64 [b] (the global sample indices)
+    shard_00001.npz   ...  (shard k holds samples k * batch_size .. (k + 1) * batch_size - 1)
+    grid.png          the first 64 samples
+
+Sample i is drawn from the key fold_in(PRNGKey(sample.seed), i) (`sampling.sample_keys`), so the
+images do not depend on the batch size, the device count or the process count. Process 0 writes
+each shard atomically (temporary file, then rename) with fixed zip timestamps, so a shard's bytes
+are a function of the config and the checkpoint; a rerun skips the complete shards, which is how a
+preempted job continues. `load_samples(directory)` reads them back in order.
+
+Samplers (`sample.sampler`):
+  ancestral: Algorithm 2 through all T steps with the model's variance (`p_sample_loop`). With
+    `sample.num_steps` < T it is the strided ancestral sampler: DDIM with eta = 1 on num_steps
+    evenly spaced steps, whose variance is the posterior variance of the strided chain (it equals
+    the `fixedsmall` ancestral sampler at num_steps = T, not `fixedlarge`).
+  ddim: DDIM (Song et al. 2021) on `sample.num_steps` steps with `sample.eta` (0: deterministic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import time
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddpm_jax import factories, image_grid, run_checkpoints, sampling, train
+from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.config_validation import ConfigError, validate_config
+from ddpm_jax.diffusion import GaussianDiffusion
+
+NoCheckpointError = run_checkpoints.NoCheckpointError
+SHARD_PATTERN = "shard_*.npz"
+GRID_NAME = "grid.png"
+GRID_SIZE = 64
+# Fixed zip timestamps make a shard's bytes depend only on its arrays.
+_ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """What the reverse chain does: `sampler` ('ancestral' | 'ddim'), steps, eta, clipping."""
+
+  sampler: str
+  num_steps: int
+  eta: float
+  clip_denoised: bool = True
+
+  def dirname(self, step: int, seed: int) -> str:
+    """The output directory name, e.g. `samples_step800000_ddim_50steps_eta0_seed1`."""
+    eta = "" if self.sampler == "ancestral" else f"_eta{self.eta:g}"
+    clip = "" if self.clip_denoised else "_noclip"
+    return f"samples_step{step}_{self.sampler}_{self.num_steps}steps{eta}_seed{seed}{clip}"
+
+
+def sampler_spec(sample_config: ml_collections.ConfigDict, num_timesteps: int) -> SamplerSpec:
+  """The `SamplerSpec` of `config.sample`; raises ConfigError for values that cannot run."""
+  s = sample_config
+  for field in ("num_samples", "batch_size", "num_steps"):
+    if not isinstance(s[field], int) or s[field] < 1:
+      raise ConfigError(f"config.sample.{field}={s[field]!r} is not allowed: it must be an "
+                        "integer >= 1.")
+  if s.sampler == "ancestral":
+    # num_steps >= T (the default 1000) is Algorithm 2 itself; fewer steps stride with DDIM eta=1.
+    return SamplerSpec("ancestral", min(s.num_steps, num_timesteps), 1.0, bool(s.clip_denoised))
+  if s.sampler != "ddim":
+    raise ConfigError(f"config.sample.sampler={s.sampler!r} is not allowed: allowed values are "
+                      "ancestral, ddim.")
+  if s.num_steps > num_timesteps:
+    raise ConfigError(f"config.sample.num_steps={s.num_steps} is not allowed: DDIM uses at most "
+                      f"the T={num_timesteps} steps of the diffusion.")
+  if s.eta < 0:
+    raise ConfigError(f"config.sample.eta={s.eta} is not allowed: it must be >= 0.")
+  return SamplerSpec("ddim", s.num_steps, float(s.eta), bool(s.clip_denoised))
+
+
+# -- The sharded sampler. ----------------------------------------------------------------------
+
+
+def make_chain_fn(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
+  """`chain(model_fn, shape, keys [B, 2]) -> x0 [B, H, W, C]` for the sampler of `spec`."""
+  if spec.sampler == "ancestral" and spec.num_steps == diffusion.num_timesteps:
+    return lambda model_fn, shape, keys: diffusion.p_sample_loop(
+        model_fn, shape, keys, spec.clip_denoised)
+  return lambda model_fn, shape, keys: diffusion.ddim_sample_loop(
+      model_fn, shape, keys, num_steps=spec.num_steps, eta=spec.eta,
+      clip_denoised=spec.clip_denoised)
+
+
+def make_sample_fn(
+    diffusion: GaussianDiffusion,
+    model: nn.Module,
+    mesh: Mesh,
+    image_shape: tuple[int, int, int],
+    spec: SamplerSpec,
+    batch_size: int,
+) -> Callable[[Any, np.ndarray], np.ndarray]:
+  """Returns `sample(params, keys [n, 2]) -> images [n, H, W, C]` float32 in [-1, 1] (numpy).
+
+  n <= batch_size; the keys are padded to batch_size rounded up to the device count, so every
+  call runs the one compiled program. `params` must be replicated over `mesh`. Every process
+  calls it with the same keys and gets all n images.
+  """
+  chain = make_chain_fn(diffusion, spec)
+
+  def per_device(params, keys):
+    def model_fn(x, t):
+      return model.apply({"params": params}, x, t, train=False)
+
+    return chain(model_fn, (keys.shape[0], *image_shape), keys)
+
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(train_step_lib.AXIS)),
+                                 out_specs=P(train_step_lib.AXIS)))
+  devices = mesh.devices.size
+  padded = -(-batch_size // devices) * devices
+  sharding = NamedSharding(mesh, P(train_step_lib.AXIS))
+
+  def sample(params, keys):
+    keys = np.asarray(keys)
+    n = keys.shape[0]
+    if not 0 < n <= batch_size:
+      raise ValueError(f"Got {n} keys; this sampler takes 1 to {batch_size}.")
+    keys = np.concatenate([keys, np.repeat(keys[-1:], padded - n, axis=0)])
+    global_keys = jax.make_array_from_callback(keys.shape, sharding, lambda index: keys[index])
+    images = mapped(params, global_keys)
+    return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
+
+  return sample
+
+
+# -- Checkpoints. ------------------------------------------------------------------------------
+
+
+def restore_ema_params(
+    config: ml_collections.ConfigDict, workdir: str, loop: train.TrainLoop | None = None
+) -> tuple[Any, int]:
+  """The EMA params (replicated over the loop's mesh) of `sample.checkpoint_step` (-1: latest)
+  in `<workdir>/checkpoints`, and that step. Raises NoCheckpointError when there is none."""
+  loop = loop or train.TrainLoop(config, workdir)
+  return run_checkpoints.load_ema_params(loop, config.sample.checkpoint_step)
+
+
+# -- Shards on disk. ---------------------------------------------------------------------------
+
+
+def shard_path(directory: str, index: int) -> str:
+  return os.path.join(directory, f"shard_{index:05d}.npz")
+
+
+def shard_ranges(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
+  """(start, count) of each shard: consecutive sample indices, batch_size per shard."""
+  return [(s, min(batch_size, num_samples - s)) for s in range(0, num_samples, batch_size)]
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+  """An .npz archive (what np.savez writes) with fixed timestamps: equal arrays, equal bytes."""
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    for name, array in arrays.items():
+      info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE_TIME)
+      with archive.open(info, "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+  return buffer.getvalue()
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    f.write(data)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _read_shard(path: str) -> dict[str, np.ndarray]:
+  with tf.io.gfile.GFile(path, "rb") as f:
+    data = f.read()
+  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+    return {"images": npz["images"], "indices": npz["indices"]}
+
+
+def _shard_complete(path: str, start: int, count: int) -> bool:
+  """Whether `path` holds exactly samples start..start+count-1 (readable, right indices)."""
+  if not tf.io.gfile.exists(path):
+    return False
+  try:
+    indices = _read_shard(path)["indices"]
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    return False
+  return np.array_equal(indices, np.arange(start, start + count))
+
+
+def _pending_shards(directory: str, ranges: list[tuple[int, int]]) -> list[int]:
+  """Indices of the shards still to sample; process 0's view of the disk decides for all."""
+  pending = np.zeros(len(ranges), np.bool_)
+  if jax.process_index() == 0:
+    pending[:] = [not _shard_complete(shard_path(directory, i), *r) for i, r in enumerate(ranges)]
+  if jax.process_count() > 1:
+    pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
+  return [int(i) for i in np.flatnonzero(pending)]
+
+
+def load_samples(directory: str, num_samples: int | None = None) -> np.ndarray:
+  """The samples of a `run_sampling` directory in index order, uint8 `[N, H, W, C]`.
+
+  N = num_samples (reading shards in order only until indices 0..N-1 are all there), or all the
+  shards hold when None. Shards of an earlier run with another batch size may overlap; each
+  index holds the same image in all of them. Raises FileNotFoundError when an index below N is
+  missing (an unfinished run: rerun the sampling to complete it).
+  """
+  paths = sorted(tf.io.gfile.glob(os.path.join(directory, SHARD_PATTERN)))
+  shards, have = [], np.zeros(num_samples or 0, np.bool_)
+  for path in paths:
+    shards.append(_read_shard(path))
+    if num_samples is not None:
+      have[shards[-1]["indices"][shards[-1]["indices"] < num_samples]] = True
+      if have.all():
+        break
+  indices = np.concatenate([s["indices"] for s in shards]) if shards else np.zeros(0, np.int64)
+  n = num_samples if num_samples is not None else int(indices.max(initial=-1)) + 1
+  keep = indices < n
+  filled = np.zeros(n, np.bool_)
+  filled[indices[keep]] = True
+  if n == 0 or not filled.all():
+    raise FileNotFoundError(
+        f"The samples in {directory} are incomplete: {len(paths)} shards, {int(filled.sum())} of "
+        f"samples 0..{n - 1} present. Rerun the sampling to finish them.")
+  images = np.concatenate([s["images"] for s in shards])[keep]
+  out = np.empty((n, *images.shape[1:]), np.uint8)
+  out[indices[keep]] = images
+  return out
+
+
+# -- The job. ----------------------------------------------------------------------------------
+
+
+def run_sampling(
+    config: ml_collections.ConfigDict, workdir: str, output_dir: str | None = None
+) -> str:
+  """Samples `config.sample` from the EMA params of a checkpoint in `workdir`; returns the
+  output directory (default `<workdir>/<SamplerSpec.dirname>`). Rerunning resumes; see top."""
+  validate_config(config, device_count=1)  # The model and diffusion; the train batch is unused.
+  loop = train.TrainLoop(config, workdir)
+  spec = sampler_spec(config.sample, loop.diffusion.num_timesteps)
+  ranges = shard_ranges(config.sample.num_samples, config.sample.batch_size)
+  with run_checkpoints.open_checkpoints(workdir, loop.mesh) as ckpt:
+    step = run_checkpoints.select_step(ckpt, config.sample.checkpoint_step)
+    directory = output_dir or os.path.join(workdir, spec.dirname(step, config.sample.seed))
+    pending = _pending_shards(directory, ranges)
+    logging.info("Sampling step %d with %s into %s: %d of %d shards to do.", step, spec,
+                 directory, len(pending), len(ranges))
+    ema_params = run_checkpoints.restore_ema_params(ckpt, loop, step) if pending else None
+  if pending:
+    if jax.process_index() == 0:
+      tf.io.gfile.makedirs(directory)
+    sample_fn = make_sample_fn(loop.diffusion, loop.model, loop.mesh,
+                               factories.image_shape(config), spec, config.sample.batch_size)
+    _sample_shards(sample_fn, ema_params, config.sample.seed, directory, ranges, pending)
+  grid_path = os.path.join(directory, GRID_NAME)
+  if jax.process_index() == 0 and not tf.io.gfile.exists(grid_path):
+    first = load_samples(directory, min(GRID_SIZE, config.sample.num_samples))
+    image_grid.save_png(grid_path, image_grid.make_grid(first))
+  logging.info("Samples of step %d: %s", step, directory)
+  return directory
+
+
+def _sample_shards(sample_fn, params, seed: int, directory: str,
+                   ranges: list[tuple[int, int]], pending: list[int]) -> None:
+  """Samples and writes (process 0) the `pending` shards, logging images/s and the ETA."""
+  rng = jax.random.PRNGKey(seed)
+  start_time, done = time.time(), 0
+  for n, index in enumerate(pending):
+    start, count = ranges[index]
+    images = image_grid.to_uint8(sample_fn(params, sampling.sample_keys(rng, start, count)))
+    if jax.process_index() == 0:
+      data = _npz_bytes(images=images, indices=np.arange(start, start + count, dtype=np.int64))
+      _write_atomically(shard_path(directory, index), data)
+    done += count
+    rate = done / max(time.time() - start_time, 1e-9)
+    left = sum(ranges[i][1] for i in pending[n + 1:])
+    logging.info("Wrote shard %d (%d/%d pending shards): %.1f images/s, ETA %.0f s.", index,
+                 n + 1, len(pending), rate, left / rate)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("sampling_done")
