@@ -306,7 +306,7 @@ def run_bpd_eval(
   Raises:
     NoCheckpointError: there is no checkpoint (of `step`) in `workdir`.
   """
-  validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
+  validate_config(config, device_count=1)  # The train batch does not matter here.
   _check_eval_config(config)
   train.prepare_data(config)
   loop = train.TrainLoop(config, workdir)

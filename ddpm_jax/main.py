@@ -57,8 +57,11 @@ def main(argv):
                  sample.NoCheckpointError, MissingWeightsError)
   config, workdir = FLAGS.config, FLAGS.workdir
   try:
+    # The global train batch must divide over the devices only when training.
+    training = FLAGS.mode == "train"
     config_validation.validate_config(
-        config, device_count=jax.device_count(), process_count=jax.process_count())
+        config, device_count=jax.device_count() if training else 1,
+        process_count=jax.process_count() if training else 1)
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "sample":
