@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
-"$PY" -m ruff check ddpm_jax configs tests
+"$PY" -m ruff check ddpm_jax configs tests launch notebooks
 exec "$PY" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" tests
