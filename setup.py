@@ -29,6 +29,12 @@ EXTRAS_REQUIRE = {
         "pytest-xdist==3.8.0",
         "ruff==0.17.6",
     ],
+    # Optional: also compares imported weights against diffusers' own UNet2DModel.
+    "test-diffusers": [
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+        "safetensors==0.8.0",
+    ],
 }
 
 setup(

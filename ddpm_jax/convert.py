@@ -52,6 +52,7 @@ from flax import traverse_util
 
 from ddpm_jax import checkpointing, factories, safetensors_io
 from ddpm_jax import train_state as train_state_lib
+from ddpm_jax.metrics import torch_pickle
 
 Params = dict[str, Any]
 Shape = tuple[int, ...]
@@ -61,6 +62,7 @@ _OPTIMIZER_SLOTS = ("/Adam", "/Adam_1")
 _TF_LEAVES = {"kernel": "W", "bias": "b"}
 _TF_NORM_LEAVES = {"scale": "gamma", "bias": "beta"}
 _DIFFUSERS_FILENAME = "diffusion_pytorch_model.safetensors"
+_DIFFUSERS_BIN_FILENAME = "diffusion_pytorch_model.bin"
 _DIFFUSERS_TOP = {
   "temb/dense0": "time_embedding.linear_1", "temb/dense1": "time_embedding.linear_2",
   "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
@@ -97,9 +99,9 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> Params:
   return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
-def _is_norm(path: str) -> bool:
+def _is_norm(layer: str) -> bool:
   """GroupNorm layers are the only ones named norm, norm1, norm2, norm_out."""
-  return path.split("/")[-2].startswith("norm")
+  return layer.startswith("norm")
 
 
 # -- TF names. ----------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def tf_name(path: str) -> str:
   """Our path -> the original TF variable: 'down_0/block_0/norm1/scale' -> 'model/down_0/
   block_0/norm1/gamma', 'conv_in/kernel' -> 'model/conv_in/W'."""
   *scopes, leaf = path.split("/")
-  leaves = _TF_NORM_LEAVES if _is_norm(path) else _TF_LEAVES
+  leaves = _TF_NORM_LEAVES if _is_norm(scopes[-1]) else _TF_LEAVES
   return "/".join(["model", *scopes, leaves[leaf]])
 
 
@@ -119,7 +121,7 @@ def path_from_tf_name(name: str) -> str | None:
   if len(parts) < 3 or parts[0] != "model":
     return None
   *scopes, leaf = parts[1:]
-  leaves = _TF_NORM_LEAVES if scopes[-1].startswith("norm") else _TF_LEAVES
+  leaves = _TF_NORM_LEAVES if _is_norm(scopes[-1]) else _TF_LEAVES
   inverse = {v: k for k, v in leaves.items()}
   return "/".join([*scopes, inverse[leaf]]) if leaf in inverse else None
 
@@ -192,7 +194,7 @@ def path_from_diffusers_key(key: str, num_levels: int, attention: str = "new") -
 
 
 def _weight_leaf(module: str) -> str:
-  return "scale" if module.split("/")[-1].startswith("norm") else "kernel"
+  return "scale" if _is_norm(module.split("/")[-1]) else "kernel"
 
 
 def torch_shape(path: str, shape: Shape) -> Shape:
@@ -468,28 +470,37 @@ def from_tf_checkpoint(
 # -- diffusers. ---------------------------------------------------------------------------------
 
 
+_FROM_BIN = (
+  "Download diffusion_pytorch_model.safetensors (or .bin) from the model's page, e.g. "
+  "google/ddpm-cifar10-32.")
+
+
 def diffusers_weights_file(path: str) -> str:
-  """`path` itself, or `<path>/diffusion_pytorch_model.safetensors` (or `<path>/unet/...`)."""
+  """`path` itself, or the weights file of a model directory (`<path>` or `<path>/unet`):
+  diffusion_pytorch_model.safetensors, else the older diffusion_pytorch_model.bin."""
   if not os.path.isdir(path):
     if not os.path.exists(path):
       raise FileNotFoundError(f"No such file or directory: {path}")
+    if not path.endswith((".safetensors", ".bin")):
+      raise ConversionError(f"{path} is not a .safetensors or .bin file. {_FROM_BIN}")
     return path
-  for candidate in (os.path.join(path, _DIFFUSERS_FILENAME),
-                    os.path.join(path, "unet", _DIFFUSERS_FILENAME)):
-    if os.path.exists(candidate):
-      return candidate
-  raise FileNotFoundError(
-    f"No {_DIFFUSERS_FILENAME} in {path} (or {path}/unet). Download it from the model's page "
-    "(e.g. google/ddpm-cifar10-32); .bin files need converting to safetensors first.")
+  for folder in (path, os.path.join(path, "unet")):
+    for name in (_DIFFUSERS_FILENAME, _DIFFUSERS_BIN_FILENAME):
+      if os.path.exists(os.path.join(folder, name)):
+        return os.path.join(folder, name)
+  raise FileNotFoundError(f"No {_DIFFUSERS_FILENAME} in {path} (or {path}/unet). {_FROM_BIN}")
 
 
 def load_diffusers_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The tensors of a diffusers safetensors file, or of a model directory holding one."""
+  """The tensors of a diffusers .safetensors or torch .bin file (read without torch), or of a
+  model directory holding one."""
   filename = diffusers_weights_file(path)
   try:
+    if filename.endswith(".bin"):
+      return torch_pickle.load_state_dict(filename)
     return safetensors_io.load_file(filename)
-  except safetensors_io.SafetensorsError as e:
-    raise ConversionError(str(e)) from e
+  except (safetensors_io.SafetensorsError, torch_pickle.TorchFileError) as e:
+    raise ConversionError(f"{filename}: {e}") from e
 
 
 def from_diffusers(

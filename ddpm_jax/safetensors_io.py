@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -66,21 +67,20 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict], dict[str
   return header, metadata, data_start
 
 
-def _check_entry(path: str | os.PathLike[str], name: str, entry: object, data_size: int) -> None:
+def _check_entry(path: str | os.PathLike[str], name: str, entry: Any, data_size: int) -> None:
   """Raises SafetensorsError unless `entry` is a well-formed tensor entry within the data."""
   try:
-    dtype = DTYPES[entry["dtype"]]  # type: ignore[index]
-    shape = [int(d) for d in entry["shape"]]  # type: ignore[index]
-    begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+    dtype = DTYPES[entry["dtype"]]
+    shape = [int(d) for d in entry["shape"]]
+    begin, end = (int(o) for o in entry["data_offsets"])
   except (KeyError, TypeError, ValueError) as e:
-    known = ", ".join(DTYPES)
-    raise SafetensorsError(
-      f"{path}: bad entry for tensor {name!r}: {entry!r} (dtypes known: {known}).") from e
+    raise SafetensorsError(f"{path}: bad entry for tensor {name!r}: {entry!r} (dtypes known: "
+                           f"{', '.join(DTYPES)}).") from e
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != nbytes:
     raise SafetensorsError(
-      f"{path}: tensor {name!r} with shape {shape} and dtype {entry['dtype']} "  # type: ignore
-      f"does not fit its data_offsets [{begin}, {end}] (data size {data_size} bytes).")
+      f"{path}: tensor {name!r} with shape {shape} and dtype {entry['dtype']} does not fit its "
+      f"data_offsets [{begin}, {end}] (data size {data_size} bytes).")
 
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
