@@ -46,7 +46,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import input_pipeline, rate_distortion, run_checkpoints, train
+from ddpm_jax import file_io, input_pipeline, rate_distortion, run_checkpoints, train
 from ddpm_jax.config_validation import ConfigError, validate_config
 from ddpm_jax.diffusion import GaussianDiffusion
 from ddpm_jax.run_checkpoints import NoCheckpointError  # noqa: F401 (one error in every mode)
@@ -156,7 +156,7 @@ def _write_chunk(path: str, out: dict[str, np.ndarray]) -> None:
   arrays = {name: out[name][mask].astype(np.float32) for name in PER_IMAGE_FIELDS}
   buffer = io.BytesIO()
   np.savez(buffer, index=out["index"][mask].astype(np.int64), **arrays)
-  rate_distortion.write_file_atomically(path, buffer.getvalue())
+  file_io.write_atomically(path, buffer.getvalue())
 
 
 def _chunk_layout(config: ml_collections.ConfigDict, batch: int) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def _reset_stale_chunks(chunk_dir: str, layout: dict[str, Any]) -> None:
                     chunk_dir)
   for path in tf.io.gfile.glob(os.path.join(chunk_dir, "chunk_*.npz")):
     tf.io.gfile.remove(path)
-  rate_distortion.write_file_atomically(meta_path, json.dumps(layout, indent=2).encode())
+  file_io.write_atomically(meta_path, json.dumps(layout, indent=2).encode())
 
 
 def compute_chunks(
@@ -267,7 +267,7 @@ def write_results(
 ) -> None:
   """Process 0: bpd.json, bpd_per_image.csv, the rate-distortion CSV and PNG, TensorBoard."""
   out_dir = eval_dir(workdir, step)
-  write = rate_distortion.write_file_atomically
+  write = file_io.write_atomically
   write(os.path.join(out_dir, "bpd.json"), json.dumps(summary, indent=2).encode())
   write(os.path.join(out_dir, "bpd_per_image.csv"), _per_image_csv(per_image).encode())
   curve = rate_distortion.rate_distortion(

@@ -6,8 +6,9 @@ import io
 import math
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
+
+from ddpm_jax import file_io
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -34,8 +35,4 @@ def save_png(path: str, image: np.ndarray) -> None:
   image = image[..., 0] if image.shape[-1] == 1 else image
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format="PNG")
-  tf.io.gfile.makedirs(path.rsplit("/", 1)[0] if "/" in path else ".")
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "wb") as f:
-    f.write(buffer.getvalue())
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  file_io.write_atomically(path, buffer.getvalue())

@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
+
+from ddpm_jax import file_io
 
 Array = Any
 Row = tuple[int, float, float]
@@ -90,20 +91,10 @@ def rate_distortion(terms_bpd: Array, mse: Array, prior_bpd: Array) -> RateDisto
   )
 
 
-def write_file_atomically(path: str, data: bytes) -> None:
-  """Writes `data` to `path` (local or gs://) under a temporary name, then renames it."""
-  directory = path.rsplit("/", 1)[0] if "/" in path else "."
-  tf.io.gfile.makedirs(directory)
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "wb") as f:
-    f.write(data)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def write_csv(path: str, rows: Sequence[Row]) -> None:
   """Writes rows (reverse time, rate, distortion) under `CSV_HEADER`, atomically (gs:// too)."""
   lines = [CSV_HEADER] + [f"{int(k)},{rate:.9g},{dist:.9g}" for k, rate, dist in rows]
-  write_file_atomically(path, ("\n".join(lines) + "\n").encode())
+  file_io.write_atomically(path, ("\n".join(lines) + "\n").encode())
 
 
 def curve_rows(curve: RateDistortion) -> list[Row]:
@@ -199,5 +190,5 @@ def plot_png(path: str, rate: Array, distortion: Array) -> np.ndarray:
   pixels = render_plot(rate, distortion)
   buffer = io.BytesIO()
   Image.fromarray(pixels).save(buffer, format="PNG")
-  write_file_atomically(path, buffer.getvalue())
+  file_io.write_atomically(path, buffer.getvalue())
   return pixels

@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import factories, image_grid, run_checkpoints, sampling, train
+from ddpm_jax import factories, file_io, image_grid, run_checkpoints, sampling, train
 from ddpm_jax import train_step as train_step_lib
 from ddpm_jax.config_validation import ConfigError, validate_config
 from ddpm_jax.diffusion import GaussianDiffusion
@@ -183,13 +183,6 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "wb") as f:
-    f.write(data)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def _read_shard(path: str) -> dict[str, np.ndarray]:
   with tf.io.gfile.GFile(path, "rb") as f:
     data = f.read()
@@ -292,7 +285,7 @@ def _sample_shards(sample_fn, params, seed: int, directory: str,
     images = image_grid.to_uint8(sample_fn(params, sampling.sample_keys(rng, start, count)))
     if jax.process_index() == 0:
       data = _npz_bytes(images=images, indices=np.arange(start, start + count, dtype=np.int64))
-      _write_atomically(shard_path(directory, index), data)
+      file_io.write_atomically(shard_path(directory, index), data)
     done += count
     rate = done / max(time.time() - start_time, 1e-9)
     left = sum(ranges[i][1] for i in pending[n + 1:])

@@ -133,7 +133,7 @@ def test_csv_holds_the_rows(tmp_path):
     assert int(got[0]) == k
     assert float(got[1]) == pytest.approx(rate, rel=1e-8)
     assert float(got[2]) == pytest.approx(distortion, rel=1e-8)
-  assert not os.path.exists(path + ".tmp")
+  assert os.listdir(tmp_path / "sub") == ["rd.csv"]  # No temporary file left behind.
 
 
 def test_png_has_three_panels_with_curves_and_axes(tmp_path):

@@ -181,19 +181,10 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes a local (atomically, via rename) or remote (gs://, via tf.io.gfile) file."""
-  if _is_remote(path):
-    import tensorflow as tf
+  """Writes a local or remote (gs://) file atomically."""
+  from ddpm_jax import file_io
 
-    with tf.io.gfile.GFile(path, "wb") as f:
-      f.write(data)
-    return
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp_path = f"{path}.tmp{os.getpid()}"
-  with open(tmp_path, "wb") as f:
-    f.write(data)
-  os.replace(tmp_path, path)  # A concurrent reader never sees half a file.
+  file_io.write_atomically(path, data)
 
 
 def save_statistics(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
