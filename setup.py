@@ -28,6 +28,11 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
         "ruff==0.17.6",
+        # The notebooks run top to bottom in the suite.
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
+        "jupyter_client==8.10.0",
     ],
     # Optional: also compares imported weights against diffusers' own UNet2DModel.
     "test-diffusers": [

@@ -104,9 +104,9 @@ def quickstart() -> list:
     the command line uses: `train.train_and_evaluate(config, workdir)` is the whole of
     `python -m ddpm_jax.main --config=configs/digits.py --workdir=DIR`.
 
-    The full digits run (1.0M parameters, T = 1000, 2,000 steps) takes a few minutes on a
-    Colab GPU and about 10 minutes on 2 CPU cores. Rerunning the training cell resumes from
-    the latest checkpoint in `WORKDIR`.
+    The full digits run (1.0M parameters, T = 1000, 2,000 steps) takes about 10 minutes on 2
+    CPU cores, less on a Colab GPU runtime. Rerunning the training cell resumes from the latest
+    checkpoint in `WORKDIR`.
     """),
     params_cell('"ddpm_quickstart"'),
     md("install_md", INSTALL_MD),
@@ -176,26 +176,28 @@ def quickstart() -> list:
           f"predicts {d.model_mean_type}, variance {d.model_var_type}, loss {d.loss_type}")
     print(f"training {t.num_train_steps} steps of batch {t.batch_size}, lr {config.optim.lr}")
     """),
-    md("train_md", """
+    md("train_md", r"""
     ## Training (Algorithm 1)
 
-    Each step draws t ~ Uniform{0, ..., T-1} and eps ~ N(0, I) per image, forms
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4) and takes an Adam step on
-    ||eps - eps_theta(x_t, t)||^2 (eq. 14), then updates the EMA of the parameters. The job
-    writes `config.json`, Orbax checkpoints, TensorBoard events and (full run) a sample grid
-    and the FID of 500 EMA samples into `WORKDIR`. It returns the final train state.
+    Each step draws $t \sim \mathrm{Uniform}\{0, \dots, T-1\}$ and
+    $\epsilon \sim \mathcal{N}(0, I)$ per image, forms
+    $x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon$ (eq. 4) and takes an
+    Adam step on $\lVert \epsilon - \epsilon_\theta(x_t, t) \rVert^2$ ($L_\text{simple}$, eq. 14),
+    then updates the EMA of the parameters. The job writes `config.json`, Orbax checkpoints,
+    TensorBoard events and (full run) a sample grid and the FID of 500 EMA samples into
+    `WORKDIR`, and returns the final train state.
     """),
     code("train", """
     state = train.train_and_evaluate(config, WORKDIR)
     print(f"trained to step {int(state.step)}; "
           f"{train_step.param_count(state.params):,} parameters")
     """),
-    md("loss_md", """
+    md("loss_md", r"""
     The job logs the mean training loss every `training.log_every` steps to TensorBoard
-    (`%load_ext tensorboard` and `%tensorboard --logdir {WORKDIR}` show every scalar). Here we
-    read the loss back from the event files, then evaluate the EMA parameters on the 297 test
-    digits at random t and eps. An untrained network predicts eps = 0 (its last convolution
-    starts near zero), which scores 1.0.
+    (`%load_ext tensorboard`, then `%tensorboard --logdir {WORKDIR}`, shows every scalar). Here
+    we read the loss back from the event files, then evaluate the EMA parameters on the 297 test
+    digits at random $t$ and $\epsilon$. An untrained network predicts $\epsilon_\theta = 0$ (its
+    last convolution starts near zero), which scores 1.0.
     """),
     code("loss", '''
     def logged_scalars(workdir: str, tag: str) -> list[tuple[int, float]]:
@@ -236,13 +238,14 @@ def quickstart() -> list:
     loss = float(test_loss(ema_params, test_images, jax.random.PRNGKey(0)))
     print(f"test loss {loss:.4f} (EMA params, {len(test_images)} test digits)")
     """),
-    md("ancestral_md", """
+    md("ancestral_md", r"""
     ## Sampling
 
-    **Ancestral sampling** (Algorithm 2) runs all T reverse steps from x_T ~ N(0, I):
-    x_{t-1} = mu_theta(x_t, t) + sigma_t z, with the mean of eq. 11 (computed through the
-    predicted x_0, clipped to [-1, 1] as in the original code) and sigma_t^2 = beta_t
-    (`fixedlarge`). The loop is a `lax.fori_loop`, so `jax.jit` traces the U-Net once.
+    **Ancestral sampling** (Algorithm 2) runs all $T$ reverse steps from
+    $x_T \sim \mathcal{N}(0, I)$: $x_{t-1} = \mu_\theta(x_t, t) + \sigma_t z$ with the mean of
+    eq. 11 (computed through the predicted $x_0$, clipped to $[-1, 1]$ as in the original code)
+    and $\sigma_t^2 = \beta_t$ (`fixedlarge`); the last step adds no noise. The loop is a
+    `lax.fori_loop`, so `jax.jit` traces the U-Net once.
     """),
     code("ancestral", """
     NUM_SAMPLES = 16 if SMALL else 64
@@ -258,10 +261,10 @@ def quickstart() -> list:
     print(f"samples shape {samples.shape}, values in [{samples.min():.2f}, {samples.max():.2f}]")
     show(image_grid.make_grid(image_grid.to_uint8(samples)), scale=6)
     """),
-    md("ddim_md", """
+    md("ddim_md", r"""
     **DDIM** (Song et al. 2021) reuses the trained network on a strided subset of the
-    timesteps; with eta = 0 it is deterministic given x_T. The same `rng` draws the same x_T
-    as the ancestral sampler above, so the grids can be compared image by image.
+    timesteps; with $\eta = 0$ it is deterministic given $x_T$. The same `rng` draws the same
+    $x_T$ as the ancestral sampler above, so the grids can be compared image by image.
     """),
     code("ddim", """
     DDIM_STEPS = 10 if SMALL else 50
@@ -276,13 +279,13 @@ def quickstart() -> list:
     print(f"ddim samples shape {ddim.shape} ({DDIM_STEPS} steps, eta 0)")
     show(image_grid.make_grid(image_grid.to_uint8(ddim)), scale=6)
     """),
-    md("progressive_md", """
+    md("progressive_md", r"""
     ## Progressive generation (Fig. 6)
 
-    At every reverse step the network's eps also gives a prediction of x_0,
-    x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (from eq. 4). Rows are samples;
-    columns are the x_0 predicted at evenly spaced t from the noisiest to t = 0, then the
-    sample: large-scale features appear first, details last.
+    At every reverse step the predicted noise also gives a prediction of the image,
+    $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\, \epsilon_\theta(x_t, t)) / \sqrt{\bar\alpha_t}$
+    (eq. 4 solved for $x_0$). Rows are samples; columns are $\hat x_0$ at evenly spaced $t$ from
+    the noisiest to $t = 0$, then the sample: large-scale features appear first, details last.
     """),
     code("progressive", """
     keys = sampling.sample_keys(jax.random.PRNGKey(2), 0, 8)  # One key per sample.
@@ -400,19 +403,19 @@ def diffusion_explained() -> list:
     data = images.astype(np.float32) / 127.5 - 1.0  # The model's scale, [-1, 1].
     train_data, test_data = data[:1500], data[1500:]
     """, SHOW, LINE_PLOT),
-    md("forward_md", """
-    ## 1. The forward process q
+    md("forward_md", r"""
+    ## 1. The forward process $q$
 
-    The forward process adds Gaussian noise in T small steps with variances beta_t
-    (eq. 2): q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I). Composed, the
-    steps give x_t in closed form from x_0 (eq. 4), with alpha_t = 1 - beta_t and
-    abar_t = prod_{s<=t} alpha_s:
-
-    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), i.e.
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with eps ~ N(0, I).
-
-    `GaussianDiffusion` holds these tables in float64 (`alphas_cumprod` is abar) and
-    `q_sample` draws x_t. Below, one test digit at increasing t, all with the same eps.
+    The forward process adds Gaussian noise in $T$ small steps of variance $\beta_t$ (eq. 2):
+    $$q(x_t \mid x_{t-1}) = \mathcal{N}\big(x_t;\ \sqrt{1 - \beta_t}\, x_{t-1},\ \beta_t I\big).$$
+    Composed, the steps give $x_t$ in closed form from $x_0$ (eq. 4), with
+    $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t} \alpha_s$:
+    $$q(x_t \mid x_0) = \mathcal{N}\big(x_t;\ \sqrt{\bar\alpha_t}\, x_0,\ (1 - \bar\alpha_t) I\big),
+    \qquad x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon,\quad
+    \epsilon \sim \mathcal{N}(0, I).$$
+    `GaussianDiffusion` holds these tables in float64 (`alphas_cumprod` is $\bar\alpha$) and
+    `q_sample` draws $x_t$. Below, one test digit at increasing $t$, all with the same
+    $\epsilon$.
     """),
     code("forward", """
     T = 1000
@@ -428,10 +431,10 @@ def diffusion_explained() -> list:
             f"sqrt(1 - abar_t) = {np.sqrt(1 - gd.alphas_cumprod[t]):.4f}")
     show(image_grid.make_grid(image_grid.to_uint8(x_t), num_cols=len(steps)), scale=8)
     """),
-    md("markov_md", """
-    Eq. 4 is the T-step Markov chain of eq. 2 in one jump. A check by simulation: run
-    100,000 scalar chains from x_0 = 0.8 through eq. 2 step by step and compare the mean and
-    standard deviation of x_t with sqrt(abar_t) x_0 and sqrt(1 - abar_t).
+    md("markov_md", r"""
+    Eq. 4 is the $T$-step Markov chain of eq. 2 in one jump. A check by simulation: run 100,000
+    scalar chains from $x_0 = 0.8$ through eq. 2 step by step, and compare the mean and standard
+    deviation of $x_t$ with $\sqrt{\bar\alpha_t}\, x_0$ and $\sqrt{1 - \bar\alpha_t}$.
     """),
     code("markov", """
     rng = np.random.default_rng(0)
@@ -443,16 +446,16 @@ def diffusion_explained() -> list:
         print(f"t = {t:3d}: mean {x.mean():+.4f} vs {np.sqrt(abar) * 0.8:+.4f}, "
               f"std {x.std():.4f} vs {np.sqrt(1 - abar):.4f}")
     """),
-    md("schedules_md", """
+    md("schedules_md", r"""
     ## 2. Noise schedules
 
-    The paper uses `linear` betas from beta_1 = 1e-4 to beta_T = 0.02 (Sec. 4), chosen small
-    against the data scale [-1, 1] so that the reverse steps stay nearly Gaussian, and
-    large enough overall that x_T carries almost no signal: abar_T = 4.0358e-5, so
-    L_T = KL(q(x_T | x_0) || N(0, I)) is about 1e-5 bits/dim. The original code also
-    offers `quad`, `const`, `warmup10`, `warmup50` and `jsd` (1/T, 1/(T-1), ..., 1);
-    `cosine` is the schedule of Nichol & Dhariwal (2021), which destroys information more
-    slowly at the start.
+    The paper uses `linear` betas from $\beta_1 = 10^{-4}$ to $\beta_T = 0.02$ (Sec. 4): small
+    against the data scale $[-1, 1]$, so that each reverse step is nearly Gaussian, and large
+    enough overall that $x_T$ keeps almost no signal: $\bar\alpha_T = 4.0358 \cdot 10^{-5}$, so
+    $L_T = D_\text{KL}(q(x_T \mid x_0) \,\|\, \mathcal{N}(0, I))$ is about $10^{-5}$ bits/dim.
+    The original code also offers `quad`, `const`, `warmup10`, `warmup50` and `jsd`
+    ($1/T, 1/(T-1), \dots, 1$); `cosine` is the schedule of Nichol & Dhariwal (2021), which
+    destroys information more slowly at the start.
     """),
     code("schedules", """
     abars = {}
@@ -469,20 +472,22 @@ def diffusion_explained() -> list:
     show(line_plot({k: (t_axis, v) for k, v in abars.items()}, title="abar_t by schedule",
                    xlabel="t", ylabel="abar_t"), scale=1)
     """),
-    md("posterior_md", """
+    md("posterior_md", r"""
     ## 3. The posterior and the two reverse variances
 
-    Given x_0, the forward process can be reversed exactly (eqs. 6-7):
-    q(x_{t-1} | x_t, x_0) = N(mu~_t(x_t, x_0), beta~_t I) with
-    mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) /
-    (1 - abar_t) x_t and beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
-
-    The reverse process p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) (eq. 1)
-    learns the mean; Sec. 3.2 fixes sigma_t^2 to beta_t (`fixedlarge`, optimal for
-    x_0 ~ N(0, I)) or to beta~_t (`fixedsmall`, optimal for x_0 a single point), the upper
-    and lower bounds on the reverse process entropy, and reports similar sample quality for
-    both. They differ only over the first steps: beta~_0 = 0 (the last reverse step adds no
-    noise), and the log variance is clipped there to log beta~_1 = log 5.4532e-5 = -9.81673.
+    Given $x_0$, the forward process can be reversed exactly (eqs. 6-7):
+    $$q(x_{t-1} \mid x_t, x_0) = \mathcal{N}\big(x_{t-1};\ \tilde\mu_t(x_t, x_0),\
+    \tilde\beta_t I\big),\qquad
+    \tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1 - \bar\alpha_t}\, x_0
+    + \frac{\sqrt{\alpha_t}\,(1 - \bar\alpha_{t-1})}{1 - \bar\alpha_t}\, x_t,\qquad
+    \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\, \beta_t.$$
+    The reverse process $p_\theta(x_{t-1} \mid x_t) = \mathcal{N}(\mu_\theta(x_t, t),
+    \sigma_t^2 I)$ (eq. 1) learns the mean. Sec. 3.2 fixes $\sigma_t^2 = \beta_t$ (`fixedlarge`,
+    optimal for $x_0 \sim \mathcal{N}(0, I)$) or $\sigma_t^2 = \tilde\beta_t$ (`fixedsmall`,
+    optimal for $x_0$ a single point): the upper and lower bounds on the reverse process
+    entropy, with similar sample quality. They differ only over the first steps:
+    $\tilde\beta$ is 0 at code step 0 (the last reverse step adds no noise), so its log is
+    clipped there to $\log \tilde\beta_1 = \log(5.4532 \cdot 10^{-5}) = -9.81673$.
     """),
     code("posterior", """
     print(f"{'t':>4} {'beta_t':>11} {'beta~_t':>11} {'beta~/beta':>10}")
@@ -496,22 +501,25 @@ def diffusion_explained() -> list:
     show(line_plot(variances, title="the two reverse variances", xlabel="t", ylabel="variance",
                    log_x=True, log_y=True), scale=1)
     """),
-    md("gaussian_md", """
+    md("gaussian_md", r"""
     ## 4. A denoiser in closed form
 
-    The network predicts the noise: mu_theta(x_t, t) = (x_t - beta_t / sqrt(1 - abar_t)
-    eps_theta(x_t, t)) / sqrt(alpha_t) (eq. 11), and training on L_simple (eq. 14) makes
-    eps_theta approach E[eps | x_t], the best prediction of the noise given x_t. For
-    Gaussian data that expectation has a closed form. Fit x_0 ~ N(m, S) to the 1,500
-    training digits (64 dims) and write S = U diag(lambda) U^T; in the eigenbasis each
-    coordinate is independent, with
-    E[x_0 | x_t] = m + U diag(lambda sqrt(abar_t) / (abar_t lambda + 1 - abar_t)) U^T
-    (x_t - sqrt(abar_t) m) and E[eps | x_t] = (x_t - sqrt(abar_t) E[x_0 | x_t]) /
-    sqrt(1 - abar_t).
-
+    The network predicts the noise, and the reverse mean follows from it (eq. 11):
+    $$\mu_\theta(x_t, t) = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{\beta_t}{\sqrt{1 -
+    \bar\alpha_t}}\, \epsilon_\theta(x_t, t)\Big).$$
+    Training on $L_\text{simple}$ (eq. 14) drives $\epsilon_\theta(x_t, t)$ towards
+    $\mathbb{E}[\epsilon \mid x_t]$, which has a closed form for Gaussian data. Fit
+    $x_0 \sim \mathcal{N}(m, S)$ to the 1,500 training digits (64 dimensions) and write
+    $S = U \operatorname{diag}(\lambda) U^\top$. In the eigenbasis the coordinates are
+    independent, and
+    $$\mathbb{E}[x_0 \mid x_t] = m + U \operatorname{diag}\Big(\frac{\lambda
+    \sqrt{\bar\alpha_t}}{\bar\alpha_t \lambda + 1 - \bar\alpha_t}\Big) U^\top
+    (x_t - \sqrt{\bar\alpha_t}\, m),\qquad
+    \mathbb{E}[\epsilon \mid x_t] = \frac{x_t - \sqrt{\bar\alpha_t}\, \mathbb{E}[x_0 \mid
+    x_t]}{\sqrt{1 - \bar\alpha_t}}.$$
     `gaussian_eps(x_t, t)` is a model like the U-Net: any `model_fn(x [B, H, W, C], t [B])`
-    works with every function of `GaussianDiffusion`. Its samples are what a perfect
-    network would draw if the digits were Gaussian: digit-like blurs.
+    works with every function of `GaussianDiffusion`. Its samples are what a perfect network
+    would draw if the digits were Gaussian: digit-like blurs.
     """),
     code("gaussian", '''
     flat = train_data.reshape(len(train_data), -1).astype(np.float64)
@@ -537,17 +545,20 @@ def diffusion_explained() -> list:
     print(f"samples shape {samples.shape}")
     show(image_grid.make_grid(image_grid.to_uint8(samples)), scale=6)
     '''),
-    md("bpd_md", """
+    md("bpd_md", r"""
     ## 5. The variational bound, term by term
 
     Training minimises a bound on the negative log likelihood (eqs. 3 and 5):
-    L = L_T + sum_{t>1} L_{t-1} + L_0, with L_T = KL(q(x_T | x_0) || p(x_T)) (the prior
-    term, fixed), L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), a KL
-    between Gaussians (eq. 12 for the eps parametrisation), and L_0 = -log p_theta(x_0 | x_1),
-    the discretised Gaussian decoder over the 256 pixel values (eq. 13).
-    `calc_bpd_loop` evaluates every term on fresh x_t ~ q(x_t | x_0), in bits per dimension
-    (nats / (64 ln 2) here), for both variance choices. In code steps, term t = 0 is the
-    decoder L_0 and term t >= 1 is the paper's L_t.
+    $$L = \underbrace{D_\text{KL}(q(x_T \mid x_0) \,\|\, p(x_T))}_{L_T}
+    + \sum_{t > 1} \underbrace{D_\text{KL}(q(x_{t-1} \mid x_t, x_0) \,\|\,
+    p_\theta(x_{t-1} \mid x_t))}_{L_{t-1}}
+    \underbrace{- \log p_\theta(x_0 \mid x_1)}_{L_0}.$$
+    $L_T$ (the prior term) has no parameters; each $L_{t-1}$ is a KL between Gaussians (eq. 12
+    for the $\epsilon$ parametrisation); $L_0$ is the discretised Gaussian decoder over the 256
+    pixel values (eq. 13). `calc_bpd_loop` evaluates every term on a fresh
+    $x_t \sim q(x_t \mid x_0)$, in bits per dimension (nats / (64 ln 2) here), for both
+    variance choices. In code steps, term $t = 0$ is the decoder $L_0$ and term $t \ge 1$ is
+    the paper's $L_t$.
     """),
     code("bpd", """
     NUM_BPD = 16 if SMALL else len(test_data)
@@ -567,17 +578,17 @@ def diffusion_explained() -> list:
                    title="the bound's terms L_t", xlabel="t", ylabel="bits/dim",
                    log_x=True, log_y=True), scale=1)
     """),
-    md("rd_md", """
+    md("rd_md", r"""
     ## 6. Rate and distortion (Sec. 4.3, Table 4, Fig. 5)
 
-    The bound is also the length of a progressive code: the sender transmits x_T, then
-    x_{T-1}, ..., each x_{t-1} given x_t at the cost of L_{t-1} bits (Algorithms 3-4). After
-    k reverse steps the receiver has paid the *rate* L_T + sum of the terms received, and its
-    best guess of the image is the x_0 predicted from x_t; the *distortion* is that guess's
-    RMSE on the 0..255 scale. On CIFAR-10 the paper finds that most bits go to
-    imperceptible details: the rate ends at 1.78 bits/dim while the decoder's L_0 adds
-    1.97. `rate_distortion.rate_distortion` turns `calc_bpd_loop`'s outputs into the curve;
-    `render_plot` draws Fig. 5.
+    The bound is also the length of a progressive code: the sender transmits $x_T$, then
+    $x_{T-1}, \dots$, each $x_{t-1}$ given $x_t$ at the cost of $L_{t-1}$ bits (Algorithms 3-4).
+    After $k$ reverse steps the receiver has paid the *rate*, $L_T$ plus the terms received, and
+    its best guess of the image is the $\hat x_0$ predicted from $x_t$; the *distortion* is that
+    guess's RMSE on the 0..255 scale. On CIFAR-10 the paper finds that most of the bits go to
+    imperceptible details: the rate ends at 1.78 bits/dim while the decoder's $L_0$ adds 1.97
+    (RMSE 0.95). `rate_distortion.rate_distortion` turns `calc_bpd_loop`'s outputs into the
+    curve; `render_plot` draws Fig. 5.
     """),
     code("rd", """
     out = bounds["fixedlarge"]
@@ -619,10 +630,8 @@ def sample_official_weights() -> list:
     This notebook downloads one model, converts it, checks the conversion and samples it with
     DDIM in 50 steps. Use a GPU runtime (Runtime > Change runtime type).
 
-    **Where the weights are.**
-
-    `MODEL`, its config `configs/<MODEL>.py`, the TF1 checkpoint in the authors' release and
-    the diffusers repository on the Hugging Face Hub:
+    **Where the weights are.** Each `MODEL` below has its config `configs/<MODEL>.py`, a TF1
+    checkpoint in the authors' release and a diffusers repository on the Hugging Face Hub:
 
     - `cifar10` (35.7M parameters, 32x32): `diffusion_cifar10_model/model.ckpt-790000`,
       `google/ddpm-cifar10-32`
@@ -633,17 +642,18 @@ def sample_official_weights() -> list:
     - `lsun_cat`: `diffusion_lsun_cat_model/model.ckpt-1761000`, `google/ddpm-ema-cat-256`
     - `celeb_a_hq`: diffusers only, `google/ddpm-ema-celebahq-256`
 
-    - **TF1 checkpoints** (`SOURCE = "tf"`): the `diffusion_models_release` folder linked from
-      the [official repository](https://github.com/hojonathanho/diffusion)
-      ([Dropbox]({DROPBOX})). Each checkpoint holds the weights, their
-      `ExponentialMovingAverage` copies (what the paper samples from, and what the converter
-      takes) and Adam's slots. The folder is several GB and Dropbox serves it as one archive:
-      download the `.index` and `.data-*` files of the model you want, put them on your Google
-      Drive and point `TF_ROOT` at them.
-    - **diffusers** (`SOURCE = "diffusers"`, the default): the same weights converted to
-      PyTorch by Hugging Face, one `diffusion_pytorch_model.safetensors` (CIFAR-10: 143 MB) per
-      model repository, downloaded directly below. Repositories that hold only the PyTorch
-      pickle (`.bin`) are converted to safetensors with `torch` (preinstalled on Colab).
+    **TF1 checkpoints** (`SOURCE = "tf"`) are in the `diffusion_models_release` folder linked
+    from the [official repository](https://github.com/hojonathanho/diffusion)
+    ([Dropbox]({DROPBOX})). Each holds the weights and their `ExponentialMovingAverage` copies,
+    which are what the paper samples from and what the converter takes. Download the `.index`
+    and `.data-*` files of the model you want, put them on your Google Drive and point
+    `TF_ROOT` at the folder.
+
+    **diffusers** (`SOURCE = "diffusers"`, the default) are the same weights converted to
+    PyTorch by Hugging Face: one `diffusion_pytorch_model.safetensors` per model repository
+    (CIFAR-10: 143 MB), downloaded directly below. Some repositories hold only the older
+    PyTorch pickle `diffusion_pytorch_model.bin`; `ddpm_jax.convert` reads it too, without
+    `torch`.
     """),
     params_cell('f"ddpm_{MODEL}_{SOURCE}"', """
     MODEL = "cifar10"  # cifar10 | lsun_church | lsun_bedroom | lsun_cat | celeb_a_hq (diffusers)
@@ -734,15 +744,10 @@ def sample_official_weights() -> list:
 
 
     def download_diffusers(repo: str, directory: str) -> str:
-      """`directory` with the repository's config.json and its weights as safetensors."""
+      """`directory` with the repository's config.json and weights (safetensors, else .bin)."""
       hub_download(repo, "config.json", directory)
       if hub_download(repo, "diffusion_pytorch_model.safetensors", directory) is None:
-        import torch  # Only the PyTorch pickle is published: convert it to safetensors.
-
-        state_dict = torch.load(hub_download(repo, "diffusion_pytorch_model.bin", directory),
-                                map_location="cpu", weights_only=True)
-        safetensors_io.save_file({k: v.numpy() for k, v in state_dict.items()},
-                                 os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+        hub_download(repo, "diffusion_pytorch_model.bin", directory)  # Older repositories.
       return directory
 
 
@@ -826,9 +831,9 @@ def sample_official_weights() -> list:
     else:
       checkpoint = convert.convert(SOURCE, INPUT, config, WORKDIR)
       print(f"wrote {checkpoint}")
-    flags = " ".join(f"--config.{k}='{v}'" for k, v in OVERRIDES.items())
-    print(f"the same from a shell: python -m ddpm_jax.convert --source={SOURCE} --input={INPUT} "
-          f"--config={config_file} {flags} --workdir={WORKDIR}")
+    flags = [f"--source={SOURCE}", f"--input={INPUT}", f"--config={config_file}",
+             *(f"--config.{k}='{v}'" for k, v in OVERRIDES.items()), f"--workdir={WORKDIR}"]
+    print("the same from a shell: python -m ddpm_jax.convert", " ".join(flags))
     """),
     md("check_md", """
     ## Check
@@ -858,7 +863,7 @@ def sample_official_weights() -> list:
     ours = np.asarray(apply({"params": ema_params}, x, t))
     theirs = np.asarray(apply({"params": reference}, x, t))
     print(f"restored step {restored_step}; output std {ours.std():.4f}")
-    print(f"max abs diff between the converted model's output and {what}' output: "
+    print(f"max abs diff between the outputs of the converted model and of {what}: "
           f"{np.abs(ours - theirs).max():.3e}")
     """),
     code("check_torch", """
@@ -884,8 +889,9 @@ def sample_official_weights() -> list:
     draws `sample.num_samples` images spread over all devices and writes them as `.npz` shards
     and a `grid.png` (rerunning skips the shards already written). DDIM with eta = 0 (Song et
     al. 2021) needs 50 network evaluations instead of the paper's 1000 ancestral steps; on
-    CIFAR-10 its FID is about 4.7 against 3.17 for the full chain. Set `sample.sampler =
-    "ancestral"` and `sample.num_steps = 1000` for the paper's sampler.
+    CIFAR-10 its FID is about 4.7 (Song et al., Table 1) against the paper's 3.17. Set
+    `config.sample.sampler = "ancestral"` and `config.sample.num_steps = 1000` for the paper's
+    sampler.
     """),
     code("sample", """
     config.sample.sampler = "ddim"
@@ -904,10 +910,10 @@ def sample_official_weights() -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-NOTEBOOKS = {
-    "quickstart": (quickstart, "CPU"),
+NOTEBOOKS = {  # name: (cells, Colab runtime: "GPU" or None for a CPU runtime)
+    "quickstart": (quickstart, "GPU"),
     "sample_official_weights": (sample_official_weights, "GPU"),
-    "diffusion_explained": (diffusion_explained, "CPU"),
+    "diffusion_explained": (diffusion_explained, None),
 }
 
 
@@ -915,12 +921,12 @@ def build(name: str) -> nbformat.NotebookNode:
   make_cells, accelerator = NOTEBOOKS[name]
   nb = v4.new_notebook(cells=make_cells())
   nb.metadata = {
-      "accelerator": accelerator,
       "colab": {"name": f"{name}.ipynb", "provenance": [], "toc_visible": True},
       "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
       "language_info": {"name": "python"},
   }
-  if accelerator == "GPU":
+  if accelerator:
+    nb.metadata["accelerator"] = accelerator
     nb.metadata["colab"]["gpuType"] = "T4"
   nbformat.validate(nb)
   return nb
