@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -34,8 +35,8 @@ def init_train_state(config, model, optimizer, rng: jax.Array) -> train_state_li
   """A fresh state; the params are initialised from `rng` with a batch of one."""
   params_rng, state_rng = jax.random.split(rng)
   size, channels = config.data.image_size, config.data.num_channels
-  x = jax.numpy.zeros((1, size, size, channels), jax.numpy.float32)
-  t = jax.numpy.zeros((1,), jax.numpy.int32)
+  x = jnp.zeros((1, size, size, channels), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
   params = model.init({"params": params_rng}, x, t, train=False)["params"]
   return train_state_lib.create_train_state(params, optimizer, state_rng)
 
