@@ -289,3 +289,24 @@ def test_parameter_count_of_the_digits_default():
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)),
                           jnp.zeros((1,), jnp.int32))
   assert train_step.param_count(shapes["params"]) == 1_001_729
+
+
+def test_bfloat16_compute_keeps_float32_state_and_loss_within_one_percent():
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_digits_config(**{"model.dtype": dtype, "model.dropout": 0.0})
+    loop = train.TrainLoop(config, "/tmp/unused")
+    state = loop.init_fn()
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} <= {
+        jnp.dtype("float32"), jnp.dtype("int32")}
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                          state.params)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (64, 8, 8, 1), minval=-1, maxval=1)
+    t = jnp.arange(64, dtype=jnp.int32) * 20 % config.diffusion.num_timesteps
+    noise = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    model_fn = lambda x, t, p=params, m=loop.model: m.apply({"params": p}, x, t, train=False)
+    loss = loop.diffusion.training_losses(model_fn, x, t, noise)
+    assert loss.dtype == jnp.float32
+    losses[dtype] = float(jnp.mean(loss))
+  assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.01)
+  assert losses["bfloat16"] != losses["float32"]  # bfloat16 really was used.

@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -23,8 +22,8 @@ def main_command(workdir, data_dir, num_steps, extra=()):
           "--config.model.num_res_blocks=1", "--config.diffusion.num_timesteps=20",
           "--config.training.batch_size=8", f"--config.training.num_train_steps={num_steps}",
           "--config.training.log_every=2", "--config.training.checkpoint_every_steps=1000",
-          "--config.training.sample_every=0", "--config.optim.warmup_steps=2",
-          "--config.data.num_shards=2", *extra]
+          "--config.training.sample_every=0", "--config.training.fid_num_samples=0",
+          "--config.optim.warmup_steps=2", "--config.data.num_shards=2", *extra]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, data_dir):
@@ -50,32 +49,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, data_dir):
       steps[0], steps[0] + 2]
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 # Adam turns float noise in near-zero gradients (the cross-process sum adds in another order)
 # into +-lr steps; a large eps keeps the comparison about the gradients themselves.
 ADAM_EPS = "--config.optim.eps=1e-3"
 
 
 def run_two_processes(workdir, data_dir, num_steps):
-  port = free_port()
-  procs = [
-      subprocess.Popen(
-          main_command(workdir, data_dir, num_steps, [
-              f"--coordinator_address=localhost:{port}", "--num_processes=2",
-              f"--process_id={i}", ADAM_EPS]),
-          env=subprocess_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-          cwd=REPO)
-      for i in range(2)
-  ]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, err[-4000:]
-  return [err for _, err in outputs]
+  """Two processes x 2 devices through launch/local_multiprocess.py; returns their outputs."""
+  main_args = main_command(workdir, data_dir, num_steps, [ADAM_EPS])[3:]
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "local_multiprocess.py"),
+       "--num_processes=2", "--devices_per_process=2", "--", *main_args],
+      env=subprocess_env(2), capture_output=True, text=True, cwd=REPO, timeout=600)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-4000:]
+  return ["\n".join(line for line in output.splitlines() if line.startswith(f"[{i}]"))
+          for i in range(2)]
 
 
 def test_two_processes_match_one_process(tmp_path, data_dir):
