@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+
+from ddpm_jax import train_step
 
 State = TypeVar("State")
 PyTree = Any
@@ -52,8 +54,7 @@ class NonFiniteStateError(ValueError):
 
 def replicated_sharding(devices: list[jax.Device] | None = None) -> NamedSharding:
   """Replicated sharding over a 1-D mesh (axis 'data') of `devices` (default: all devices)."""
-  devices = jax.devices() if devices is None else devices
-  return NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec())
+  return train_step.replicated(train_step.make_mesh(devices))
 
 
 def abstract_state(init_fn: Callable[[], State], sharding: jax.sharding.Sharding) -> State:

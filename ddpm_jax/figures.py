@@ -55,10 +55,6 @@ def _model_fn(model: nn.Module, params: Any):
   return lambda x, t: model.apply({"params": params}, x, t, train=False)
 
 
-def _to_uint8(images: jax.Array) -> np.ndarray:
-  return image_grid.to_uint8(np.asarray(images))
-
-
 # -- Fig. 6: progressive generation. -----------------------------------------------------------
 
 
@@ -88,7 +84,7 @@ def progressive_generation(
   freq = max(1, diffusion.num_timesteps // num_snapshots)
   table = _progressive(params, keys, diffusion=diffusion, model=model,
                        image_shape=tuple(image_shape), freq=freq, clip_denoised=clip_denoised)
-  return _to_uint8(table)
+  return image_grid.to_uint8(table)
 
 
 # -- Fig. 7: shared latents. -------------------------------------------------------------------
@@ -125,7 +121,7 @@ def shared_latents(
                          model=model, num_chains=num_chains, clip_denoised=clip_denoised)
       for t in timesteps
   ]
-  return _to_uint8(jnp.stack(rows))
+  return image_grid.to_uint8(jnp.stack(rows))
 
 
 # -- Figs. 8 and 9: interpolation. -------------------------------------------------------------
@@ -172,7 +168,7 @@ def interpolation(
                          num_lambdas=num_lambdas, clip_denoised=clip_denoised)
       for r, (a, b, t) in enumerate(zip(x_a, x_b, timesteps, strict=True))
   ]
-  return _to_uint8(jnp.stack(rows))
+  return image_grid.to_uint8(jnp.stack(rows))
 
 
 # -- All four. ---------------------------------------------------------------------------------
