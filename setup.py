@@ -34,6 +34,11 @@ EXTRAS_REQUIRE = {
         "ipykernel==7.4.0",
         "jupyter_client==8.10.0",
     ],
+    # Optional: the PyTorch peer of `python -m benchmarks.run` (diffusers' UNet2DModel).
+    "bench": [
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+    ],
     # Optional: also compares imported weights against diffusers' own UNet2DModel.
     "test-diffusers": [
         "torch==2.13.0",

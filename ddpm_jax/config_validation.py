@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from ddpm_jax import diffusion
+from ddpm_jax.models.convolution import CONV_IMPLS
 
 DTYPES = ("float32", "bfloat16")
 SAMPLERS = ("ancestral", "ddim")
@@ -48,6 +49,7 @@ def validate_config(
   _check_choice(config, "diffusion.loss_type", diffusion.LOSS_TYPES)
   _check_choice(config, "model.dtype", DTYPES)
   _check_choice(config, "model.param_dtype", DTYPES)
+  _check_choice(config, "model.conv_impl", CONV_IMPLS)
   _check_choice(config, "sample.sampler", SAMPLERS)
   for field in ("training.batch_size", "training.num_train_steps", "training.steps_per_call",
                 "training.log_every", "training.keep_checkpoints", "diffusion.num_timesteps"):

@@ -34,6 +34,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
       dtype=jnp.dtype(m.dtype),
       param_dtype=jnp.dtype(m.param_dtype),
       remat=m.remat,
+      conv_impl=m.conv_impl,
   )
 
 

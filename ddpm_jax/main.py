@@ -13,6 +13,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddpm_jax import compilation_cache
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.",
                                 lock_config=True)
@@ -24,6 +26,9 @@ flags.DEFINE_enum(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_string(
+    "compilation_cache_dir", compilation_cache.DEFAULT_DIR,
+    "JAX's persistent compilation cache: a restart loads the compiled steps ('' = off).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,6 +57,7 @@ def main(argv):
   from ddpm_jax.metrics.inception import MissingWeightsError
 
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  compilation_cache.enable(FLAGS.compilation_cache_dir)
   user_errors = (config_validation.ConfigError, input_pipeline.DatasetNotPreparedError,
                  checkpointing.IncompatibleCheckpointError, train.NonFiniteLossError,
                  sample.NoCheckpointError, MissingWeightsError)

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models import convolution
+
 Dtype = Any
 
 
@@ -52,22 +54,76 @@ def default_init(scale: float = 1.0) -> jax.nn.initializers.Initializer:
     1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
-def group_norm(name: str, param_dtype: Dtype) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """GroupNorm over [B, ..., C] in float32 with params `scale` and `bias` [C], as nn.GroupNorm.
+
+  The same maths as tf.contrib.layers.group_norm (two-pass variance over each group's spatial
+  positions and channels), written as per-channel spatial means followed by means over each
+  group's channels: XLA:CPU runs these 1.5-2.5x faster than reductions over nn.GroupNorm's
+  [B, H, W, G, C/G] view (whose minor axis may hold a single channel).
+  """
+
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, channels = x.shape[0], x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+    per_group = channels // self.num_groups
+    scale = self.param("scale", jax.nn.initializers.ones, (channels,), self.param_dtype)
+    bias = self.param("bias", jax.nn.initializers.zeros, (channels,), self.param_dtype)
+    spatial = tuple(range(1, x.ndim - 1))
+
+    def group_mean(v):  # [B, ..., C] -> each group's mean, broadcast back to [B, 1.., C].
+      per_channel = jnp.mean(v, axis=spatial).reshape(batch, self.num_groups, per_group)
+      means = jnp.repeat(jnp.mean(per_channel, axis=-1), per_group, axis=-1)
+      return means.reshape(batch, *(1,) * len(spatial), channels)
+
+    x = x.astype(jnp.float32)
+    centred = x - group_mean(x)
+    normed = centred * jax.lax.rsqrt(group_mean(centred * centred) + self.epsilon)
+    return normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def group_norm(name: str, param_dtype: Dtype, parent: Any = None) -> GroupNorm:
   """GroupNorm(32 groups, eps 1e-6) computed in float32 (tf.contrib.layers.group_norm)."""
-  return nn.GroupNorm(
-    num_groups=32, epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype,
-    use_fast_variance=False, name=name)
+  kw = {} if parent is None else {"parent": parent}
+  return GroupNorm(32, 1e-6, param_dtype, name=name, **kw)
+
+
+class Conv3x3(nn.Module):
+  """3x3 convolution [B, H, W, C] -> [B, H', W', features]: kernel [3, 3, C, features] (HWIO)
+  and a zero-initialised bias, like nn.Conv, computed by `convolution.conv3x3(impl=...)`."""
+
+  features: int
+  strides: int = 1
+  padding: Any = ((1, 1), (1, 1))  # "SAME" for stride 1.
+  init_scale: float = 1.0
+  conv_impl: str = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", default_init(self.init_scale),
+                        (3, 3, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", jax.nn.initializers.zeros, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = convolution.conv3x3(x, kernel, self.strides, self.padding, self.conv_impl)
+    return y + bias
 
 
 def conv3x3(
   features: int, name: str, dtype: Dtype, param_dtype: Dtype, init_scale: float = 1.0,
-  strides: int = 1, padding: Any = "SAME",
-) -> nn.Conv:
-  """3x3 convolution with a HWIO kernel [3, 3, in, out] and a zero bias."""
-  return nn.Conv(
-    features, (3, 3), strides=(strides, strides), padding=padding, dtype=dtype,
-    param_dtype=param_dtype, kernel_init=default_init(init_scale),
-    bias_init=jax.nn.initializers.zeros, name=name)
+  strides: int = 1, padding: Any = ((1, 1), (1, 1)), conv_impl: str = "xla", parent: Any = None,
+) -> Conv3x3:
+  """The 3x3 convolution `name` (a child of `parent` if given); see `Conv3x3`."""
+  kw = {} if parent is None else {"parent": parent}
+  return Conv3x3(features, strides, padding, init_scale, conv_impl, dtype, param_dtype, name=name,
+                 **kw)
 
 
 def dense(
@@ -102,6 +158,7 @@ class ResBlock(nn.Module):
 
   out_ch: int | None = None
   dropout: float = 0.0
+  conv_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -110,11 +167,12 @@ class ResBlock(nn.Module):
     in_ch = x.shape[-1]
     out_ch = in_ch if self.out_ch is None else self.out_ch
     h = swish(group_norm("norm1", self.param_dtype)(x))
-    h = conv3x3(out_ch, "conv1", self.dtype, self.param_dtype)(h)
+    h = conv3x3(out_ch, "conv1", self.dtype, self.param_dtype, conv_impl=self.conv_impl)(h)
     h = h + dense(out_ch, "temb_proj", self.dtype, self.param_dtype)(swish(temb))[:, None, None, :]
     h = swish(group_norm("norm2", self.param_dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv3x3(out_ch, "conv2", self.dtype, self.param_dtype, init_scale=0.0)(h)
+    h = conv3x3(out_ch, "conv2", self.dtype, self.param_dtype, init_scale=0.0,
+                conv_impl=self.conv_impl)(h)
     if in_ch != out_ch:
       x = dense(out_ch, "nin_shortcut", self.dtype, self.param_dtype)(x)
     return x + h
@@ -151,6 +209,7 @@ class Downsample(nn.Module):
   """
 
   with_conv: bool = True
+  conv_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -161,7 +220,8 @@ class Downsample(nn.Module):
       raise ValueError(f"Downsample needs even spatial sizes, got {height}x{width}")
     if self.with_conv:
       return conv3x3(
-        c, "conv", self.dtype, self.param_dtype, strides=2, padding=((0, 1), (0, 1)))(x)
+        c, "conv", self.dtype, self.param_dtype, strides=2, padding=((0, 1), (0, 1)),
+        conv_impl=self.conv_impl)(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
@@ -172,6 +232,7 @@ class Upsample(nn.Module):
   """
 
   with_conv: bool = True
+  conv_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -179,5 +240,5 @@ class Upsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if self.with_conv:
-      x = conv3x3(x.shape[-1], "conv", self.dtype, self.param_dtype)(x)
+      x = conv3x3(x.shape[-1], "conv", self.dtype, self.param_dtype, conv_impl=self.conv_impl)(x)
     return x

@@ -1,0 +1,1 @@
+"""Benchmarks of ddpm_jax and its PyTorch peer (`benchmarks.peer`)."""

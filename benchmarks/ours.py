@@ -1,0 +1,344 @@
+"""Our side of the benchmarks: the product's own train step, sampler and compiler, timed.
+
+  python -m benchmarks.ours train --config=digits --batch=128 --steps=20
+  python -m benchmarks.ours train --config=cifar10 --batch=16 --set=model.conv_impl=xla_matmul_grad
+  python -m benchmarks.ours sample --config=digits --num_images=1000 --timed_steps=20
+  python -m benchmarks.ours compile --config=cifar10 --batch=16 --cache_dir=/tmp/jax_cache
+  python -m benchmarks.ours memory --config=lsun_church --batch=16 --set=model.remat=True
+
+Each prints one JSON line, {"workload", "value", "unit", "settings"}, as its last stdout line (the
+same format as `benchmarks.peer`). Every figure runs in its own process, so a compile is cold
+unless --cache_dir holds an earlier one. The train step is `TrainLoop.train_step`, the very
+program `--mode=train` runs, over all local devices (on one device, batch = per-device batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from benchmarks.peer import load_config
+from ddpm_jax import compilation_cache, factories, sample, train_step
+from ddpm_jax.train import TrainLoop
+
+Result = dict[str, Any]
+WORKLOADS = ("train", "forward", "sample", "compile", "memory", "memory_model", "matmul_peak")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> list[str]:
+  """`section.field=value` strings applied with the field's own type (bools: True/False)."""
+  for item in overrides:
+    key, _, value = item.partition("=")
+    section, field = key.split(".")
+    old = config[section][field]
+    config[section][field] = (value == "True") if isinstance(old, bool) else type(old)(value)
+  return list(overrides)
+
+
+def _settings(config: ml_collections.ConfigDict, **extra) -> dict[str, Any]:
+  m = config.model
+  return dict(
+    **extra, device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
+    jax=jax.__version__,
+    python=platform.python_version(), precision=m.dtype, conv_impl=m.conv_impl, remat=m.remat,
+    image_shape=list(factories.image_shape(config)),
+    model=dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
+               attn_resolutions=list(m.attn_resolutions), dropout=m.dropout))
+
+
+def _block(tree: Any) -> None:
+  jax.block_until_ready(tree)
+
+
+def _train_program(config: ml_collections.ConfigDict, batch: int, workdir: str):
+  """(compiled step, state, global batch, lower+compile seconds) over all local devices."""
+  config.training.batch_size = batch
+  loop = TrainLoop(config, workdir)
+  state = loop.init_fn()
+  x0 = np.random.default_rng(0).uniform(-1, 1, (batch, *factories.image_shape(config)))
+  x = train_step.global_batch(x0.astype(np.float32), loop.mesh)
+  start = time.perf_counter()
+  compiled = loop.train_step(1).lower(state, x).compile()
+  return compiled, state, x, time.perf_counter() - start
+
+
+def matmul_peak(dtype: str = "float32", n: int = 2048, iters: int = 10) -> Result:
+  """This machine's measured matmul peak: [2n, n] x [n, n] in `dtype` (float32 accumulation)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (2 * n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  _block(mm(a, b))
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = mm(a, b)
+  _block(out)
+  seconds = (time.perf_counter() - start) / iters
+  return dict(value=2 * 2 * n * n * n / seconds / 1e9, unit="GFLOP/s",
+              settings=dict(shape=[2 * n, n, n], dtype=dtype, iters=iters,
+                            device=jax.devices()[0].device_kind))
+
+
+def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int, warmup: int,
+                      workdir: str) -> Result:
+  """Steps/s of the train step; also XLA's FLOPs per step and their rate, per device."""
+  compiled, state, x, compile_s = _train_program(config, batch, workdir)
+  for _ in range(warmup):
+    state, metrics = compiled(state, x)
+  _block(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, x)
+  _block(metrics)
+  seconds = (time.perf_counter() - start) / steps
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops = float(cost.get("flops", float("nan")))
+  return dict(value=1 / seconds, unit="steps/s", settings=_settings(
+    config, batch=batch, steps=steps, warmup_steps=warmup, images_per_s=batch / seconds,
+    compile_s=compile_s, flops_per_step=flops, achieved_gflops=flops / seconds / 1e9,
+    final_loss=float(metrics["loss"])))
+
+
+def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: int,
+                         warmup: int) -> Result:
+  """Images/s of the U-Net forward pass (eval mode) at `batch`."""
+  model = factories.create_model(config)
+  shape = (batch, *factories.image_shape(config))
+  x = jax.random.uniform(jax.random.PRNGKey(0), shape, jnp.float32, -1, 1)
+  t = jnp.arange(batch, dtype=jnp.int32) % config.diffusion.num_timesteps
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.training.seed), x[:1], t[:1])["params"]
+  forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+  for _ in range(max(warmup, 1)):
+    _block(forward(params, x, t))
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = forward(params, x, t)
+  _block(out)
+  seconds = (time.perf_counter() - start) / iters
+  return dict(value=batch / seconds, unit="images/s",
+              settings=_settings(config, batch=batch, iters=iters, warmup=warmup))
+
+
+def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, sampler: str,
+                        num_steps: int | None, timed_steps: int | None, eta: float,
+                        batch: int | None = None) -> Result:
+  """Images/s of `num_images` samples by the `--mode=sample` sampler, in batches of `batch`
+  (default: all in one), after one untimed batch that compiles.
+
+  With `timed_steps` < T (ancestral, one batch), the same reverse step runs `timed_steps` times
+  in the compiled loop and the chain's time is extrapolated to all T steps.
+  """
+  batch = min(batch or num_images, num_images)
+  diffusion = factories.create_diffusion(config)
+  model = factories.create_model(config)
+  shape = (batch, *factories.image_shape(config))
+  params = jax.jit(model.init)(
+    jax.random.PRNGKey(config.training.seed), jnp.zeros((1, *shape[1:])),
+    jnp.zeros((1,), jnp.int32))["params"]
+  num_steps = num_steps or diffusion.num_timesteps
+  spec = sample.SamplerSpec(sampler, num_steps, 1.0 if sampler == "ancestral" else eta)
+  keys = np.asarray(jax.random.split(jax.random.PRNGKey(config.sample.seed), num_images))
+  extrapolated = None
+  if timed_steps and sampler == "ancestral" and timed_steps < num_steps:
+    def chain(params, x, rng):
+      def model_fn(x, t):
+        return model.apply({"params": params}, x, t)
+      return diffusion.p_sample_loop_from(model_fn, x, timed_steps - 1, rng)
+    run = jax.jit(chain)
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    compile_start = time.perf_counter()
+    _block(run(params, x, keys[:batch]))  # Compiles; the loop length is static.
+    compile_s = time.perf_counter() - compile_start
+    start = time.perf_counter()
+    _block(run(params, x, keys[:batch]))
+    # One batch's chain, extrapolated to all T steps and to every batch.
+    seconds = (time.perf_counter() - start) * num_steps / timed_steps * num_images / batch
+    extrapolated = timed_steps
+  else:
+    mesh = train_step.make_mesh()
+    sample_fn = sample.make_sample_fn(diffusion, model, mesh, shape[1:], spec, batch)
+    params = jax.device_put(params, train_step.replicated(mesh))
+    compile_start = time.perf_counter()
+    sample_fn(params, keys[:batch])
+    compile_s = time.perf_counter() - compile_start  # Includes one full chain.
+    start = time.perf_counter()
+    for first in range(0, num_images, batch):
+      images = sample_fn(params, keys[first:first + batch])
+      if not np.isfinite(images).all():
+        raise RuntimeError("non-finite samples")
+    seconds = time.perf_counter() - start
+  return dict(value=num_images / seconds, unit="images/s", settings=_settings(
+    config, num_images=num_images, batch=batch, sampler=sampler, num_steps=num_steps, eta=spec.eta,
+    extrapolated_from_steps=extrapolated, chain_seconds=seconds, first_call_s=compile_s))
+
+
+def compile_seconds(config: ml_collections.ConfigDict, batch: int, cache_dir: str,
+                    workdir: str) -> Result:
+  """Seconds to lower and compile the train step in this (fresh) process; with `cache_dir`,
+  through JAX's persistent cache (cold when it is empty, warm on a second start)."""
+  entries_before = _count_files(cache_dir)
+  if cache_dir:
+    compilation_cache.enable(cache_dir, min_compile_secs=0.0)
+  _, _, _, seconds = _train_program(config, batch, workdir)
+  return dict(value=seconds, unit="s", settings=_settings(
+    config, batch=batch, cache_dir=cache_dir or None, cache_entries_before=entries_before,
+    cache_entries_after=_count_files(cache_dir)))
+
+
+def _count_files(directory: str) -> int:
+  if not directory or not os.path.isdir(directory):
+    return 0
+  return sum(len(files) for _, _, files in os.walk(directory))
+
+
+def peak_memory_bytes(config: ml_collections.ConfigDict, batch: int, workdir: str) -> Result:
+  """Peak device memory of the train step at per-device `batch`, from XLA's compiled memory
+  analysis: arguments + outputs - donated (aliased) + temporaries. Compiled, never run."""
+  config.training.batch_size = batch
+  loop = TrainLoop(config, workdir)
+  mesh = loop.mesh
+  state = jax.eval_shape(loop.init_fn)
+  replicated = train_step.replicated(mesh)
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                       state)
+  x = jax.ShapeDtypeStruct((batch, *factories.image_shape(config)), jnp.float32,
+                           sharding=train_step.batch_sharding(mesh))
+  start = time.perf_counter()
+  compiled = loop.train_step(1).lower(state, x).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  parts = {name: int(getattr(mem, f"{name}_size_in_bytes")) for name in
+           ("argument", "output", "alias", "temp", "generated_code")}
+  peak = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
+  return dict(value=peak, unit="bytes", settings=_settings(
+    config, batch=batch, compile_s=compile_s, **{f"{k}_bytes": v for k, v in parts.items()},
+    peak_gib=peak / 2**30, num_params=train_step.param_count(state.params)))
+
+
+def _nbytes(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _largest_block_working_set(config: ml_collections.ConfigDict, batch: int) -> int:
+  """XLA's compiled peak of one full-resolution up-path ResBlock's forward + backward (the
+  largest rematerialised unit): its input concat(h, skip) [B, H, W, 2 ch] -> [B, H, W, ch]."""
+  from ddpm_jax.models.layers import ResBlock
+
+  m, size = config.model, config.data.image_size
+  block = ResBlock(m.ch * m.ch_mult[0], m.dropout, m.conv_impl, jnp.dtype(m.dtype),
+                   jnp.dtype(m.param_dtype))
+  x = jax.ShapeDtypeStruct((batch, size, size, 2 * m.ch * m.ch_mult[0]), jnp.float32)
+  temb = jax.ShapeDtypeStruct((batch, 4 * m.ch), jnp.float32)
+  rng = jax.random.PRNGKey(0)
+  params = jax.eval_shape(lambda x, e: block.init(rng, x, e, False), x, temb)
+
+  def loss(params, x, temb):
+    out = block.apply(params, x, temb, True, rngs={"dropout": rng})
+    return jnp.sum(out.astype(jnp.float32))
+
+  mem = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, temb).compile().memory_analysis()
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes)
+
+
+def memory_model_bytes(config: ml_collections.ConfigDict, batch: int, workdir: str) -> Result:
+  """Peak memory per device of the train step at per-device `batch`, modelled from its parts:
+  train state (params, EMA, Adam moments) + gradients + the activations the forward pass keeps
+  for the backward pass (JAX's saved residuals, which `model.remat` shrinks) + the largest
+  rematerialised block's working set (XLA's compiled analysis). XLA:CPU's compiled analysis of
+  the whole step does not show remat's savings (its scheduler hoists the recomputation; a
+  20-layer MLP shows the same), while TPU and GPU schedulers do realise them."""
+  from jax._src.ad_checkpoint import saved_residuals  # No public API returns them.
+
+  config.training.batch_size = batch
+  loop = TrainLoop(config, workdir)
+  state = jax.eval_shape(loop.init_fn)
+  shape = (batch, *factories.image_shape(config))
+
+  def loss(params, x, t):
+    out = loop.model.apply({"params": params}, x, t, train=True,
+                           rngs={"dropout": jax.random.PRNGKey(0)})
+    return jnp.mean(out)
+
+  residuals = saved_residuals(loss, state.params, jax.ShapeDtypeStruct(shape, jnp.float32),
+                              jax.ShapeDtypeStruct((batch,), jnp.int32))
+  activations = sum(_nbytes(aval) for aval, why in residuals if "argument" not in why)
+  parts = dict(train_state=_nbytes(state), gradients=_nbytes(state.params),
+               saved_activations=activations,
+               block_working_set=_largest_block_working_set(config, batch))
+  total = sum(parts.values())
+  return dict(value=total, unit="bytes", settings=_settings(
+    config, batch=batch, **{f"{k}_bytes": v for k, v in parts.items()}, peak_gib=total / 2**30,
+    method="state + gradients + saved residuals + largest block's compiled working set"))
+
+
+def run_workload(args: argparse.Namespace) -> Result:
+  config = load_config(args.config)
+  overrides = apply_overrides(config, args.set)
+  workdir = args.workdir
+  batch = args.batch or config.training.batch_size
+  if args.workload == "train":
+    result = train_steps_per_s(config, batch, args.steps, args.warmup, workdir)
+  elif args.workload == "forward":
+    result = forward_images_per_s(config, batch, args.steps, args.warmup)
+  elif args.workload == "sample":
+    result = sample_images_per_s(config, args.num_images, args.sampler, args.num_steps,
+                                 args.timed_steps, args.eta, args.batch)
+  elif args.workload == "compile":
+    result = compile_seconds(config, batch, args.cache_dir, workdir)
+  elif args.workload == "memory":
+    result = peak_memory_bytes(config, batch, workdir)
+  elif args.workload == "memory_model":
+    result = memory_model_bytes(config, batch, workdir)
+  else:
+    result = matmul_peak(args.dtype, args.matmul_size)
+  result["settings"].update(config=args.config, overrides=overrides)
+  return {"workload": args.workload, **result}
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.ours", description=__doc__.split("\n")[0])
+  p.add_argument("workload", choices=WORKLOADS)
+  p.add_argument("--config", default="digits", help="configs/<name>.py, e.g. digits or cifar10.")
+  p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                 help="Config override, e.g. model.conv_impl=xla_matmul_grad (repeatable).")
+  p.add_argument("--batch", type=int, default=None, help="Per-device batch (default: config's).")
+  p.add_argument("--steps", type=int, default=10, help="Timed train steps / forward passes.")
+  p.add_argument("--warmup", type=int, default=2, help="Untimed train steps / forward passes.")
+  p.add_argument("--num_images", type=int, default=16,
+                 help="sample: images, in batches of --batch (default: one batch).")
+  p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral")
+  p.add_argument("--num_steps", type=int, default=None, help="sample: chain length (default T).")
+  p.add_argument("--timed_steps", type=int, default=None,
+                 help="sample (ancestral): run this many steps and extrapolate to T.")
+  p.add_argument("--eta", type=float, default=0.0, help="sample with ddim: eta.")
+  p.add_argument("--cache_dir", default="", help="compile: persistent cache directory.")
+  p.add_argument("--dtype", default="float32", help="matmul_peak: float32 | bfloat16.")
+  p.add_argument("--matmul_size", type=int, default=2048, help="matmul_peak: n of [2n,n]x[n,n].")
+  p.add_argument("--workdir", default="/tmp/ddpm_jax_bench", help="Scratch dir (nothing kept).")
+  return p
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = _parser().parse_args(argv)
+  with contextlib.redirect_stdout(sys.stderr):  # Keep stdout to the one JSON line.
+    result = run_workload(args)
+  if not math.isfinite(result["value"]):
+    raise SystemExit(f"Non-finite result: {result}")
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()

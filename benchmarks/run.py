@@ -1,0 +1,294 @@
+"""Runs every benchmark, ours and the PyTorch peer's, on this machine; prints a table and writes
+`benchmarks/results/<host>-<date>.json`.
+
+  python -m benchmarks.run          # Full run; the peer's 1000 x 1000 sampling alone takes minutes.
+  python -m benchmarks.run --quick  # < 10 min on 2 CPU cores: shorter timings, extrapolated chains.
+  python -m benchmarks.run --only=digits_train,cifar10_train
+
+Installs nothing. The peer (HF diffusers UNet2DModel + DDPMScheduler on PyTorch) comes from the
+optional extra, `pip install -e ".[bench]"`; without it the peer's column is empty. Each figure runs
+in a fresh process (`benchmarks.ours` / `benchmarks.peer`), one after the other, so they never
+share the cores. A record is {workload, ours, peer, unit, ratio, target, meets_target, settings};
+ratio is ours / peer for throughputs (higher is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import peer
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One row: how to run our side and the peer's (None: no peer figure), full and quick."""
+
+  name: str
+  description: str
+  ours: list[str]
+  peer: list[str] | None = None
+  quick_ours: list[str] | None = None  # None: same as full.
+  quick_peer: list[str] | None = None
+  in_quick: bool = True
+  target: str = ""
+  meets: Callable[[dict[str, Any]], bool] | None = None  # Record -> target met.
+  timeout_s: int = 3600
+
+
+def _ratio_at_least(minimum: float) -> Callable[[dict[str, Any]], bool]:
+  return lambda r: r["ratio"] is not None and r["ratio"] >= minimum
+
+
+def _ours_below(limit: float) -> Callable[[dict[str, Any]], bool]:
+  return lambda r: r["ours"] is not None and r["ours"] < limit
+
+
+def workloads(cache_dir: str) -> list[Workload]:
+  """The benchmark suite; `cache_dir` is a fresh directory for the compile-time pair."""
+  digits_sample = ["sample", "--config=digits", "--num_images=1000"]
+  cifar_train = ["train", "--config=cifar10", "--batch=16"]
+  lsun = ["--config=lsun_church"]
+  return [
+    Workload("digits_train", "digits U-Net (1.0M) train step, batch 128",
+             ["train", "--config=digits", "--batch=128", "--steps=30", "--warmup=3"],
+             ["train", "--config=digits", "--batch=128", "--steps=30", "--warmup=3"],
+             ["train", "--config=digits", "--batch=128", "--steps=10", "--warmup=2"],
+             ["train", "--config=digits", "--batch=128", "--steps=10", "--warmup=2"],
+             target=">= 2x peer", meets=_ratio_at_least(2.0)),
+    Workload("digits_sample_ancestral", "digits, 1000 images x 1000 ancestral steps, one batch",
+             [*digits_sample, "--sampler=ancestral"],
+             [*digits_sample, "--sampler=ancestral", "--seed_params"],
+             [*digits_sample, "--sampler=ancestral", "--timed_steps=20"],
+             [*digits_sample, "--sampler=ancestral", "--timed_steps=20"],
+             target=">= 5x peer", meets=_ratio_at_least(5.0)),
+    Workload("digits_sample_ddim50", "digits, 1000 images x 50 DDIM steps (eta 0), one batch",
+             [*digits_sample, "--sampler=ddim", "--num_steps=50"],
+             [*digits_sample, "--sampler=ddim", "--num_steps=50", "--seed_params"],
+             target=">= 5x peer", meets=_ratio_at_least(5.0)),
+    Workload("cifar10_train", "CIFAR-10 U-Net (35.7M) train step, fp32, batch 16, "
+             "conv_impl=xla_matmul_grad",
+             [*cifar_train, "--steps=8", "--set=model.conv_impl=xla_matmul_grad"],
+             [*cifar_train, "--steps=8"],
+             [*cifar_train, "--steps=3", "--warmup=1", "--set=model.conv_impl=xla_matmul_grad"],
+             [*cifar_train, "--steps=3", "--warmup=1"],
+             target=">= 1.0x peer", meets=_ratio_at_least(1.0)),
+    Workload("cifar10_train_conv_xla", "the same with conv_impl=xla (lax.conv, the default)",
+             [*cifar_train, "--steps=8", "--set=model.conv_impl=xla"], [*cifar_train, "--steps=8"],
+             in_quick=False),
+    Workload("cifar10_train_conv_shifted_matmul", "the same with conv_impl=shifted_matmul",
+             [*cifar_train, "--steps=8", "--set=model.conv_impl=shifted_matmul"],
+             [*cifar_train, "--steps=8"], in_quick=False),
+    Workload("cifar10_forward", "CIFAR-10 U-Net forward, eval mode, batch 64",
+             ["forward", "--config=cifar10", "--batch=64", "--steps=5"],
+             ["forward", "--config=cifar10", "--batch=64", "--steps=5"],
+             ["forward", "--config=cifar10", "--batch=64", "--steps=2", "--warmup=1"],
+             ["forward", "--config=cifar10", "--batch=64", "--steps=2", "--warmup=1"]),
+    Workload("cifar10_compile_cold", "lower + compile of the CIFAR-10 train step, empty "
+             "persistent cache (seconds, lower is better)",
+             ["compile", "--config=cifar10", "--batch=16", f"--cache_dir={cache_dir}"],
+             target="< 60 s", meets=_ours_below(60.0)),
+    Workload("cifar10_compile_cached", "the same in a new process, cache from the run above",
+             ["compile", "--config=cifar10", "--batch=16", f"--cache_dir={cache_dir}"],
+             target="< 10 s", meets=_ours_below(10.0)),
+    *[Workload(f"lsun256_memory_b{b}_{'remat' if remat else 'noremat'}",
+               f"256x256 U-Net (113.7M) train step, peak memory per device at batch {b}, "
+               f"model.remat={remat}: state + gradients + saved activations + largest block's "
+               "compiled working set (bytes)",
+               ["memory_model", *lsun, f"--batch={b}", f"--set=model.remat={remat}"],
+               target="< 16 GiB" if (b, remat) == (16, True) else "",
+               meets=_ours_below(16 * GIB) if (b, remat) == (16, True) else None)
+      for b in (8, 16) for remat in (False, True)],
+    *[Workload(f"lsun256_xla_memory_b16_{'remat' if remat else 'noremat'}",
+               f"the same at batch 16, model.remat={remat}, from XLA's compiled memory analysis of "
+               "the whole step on this backend (XLA:CPU does not realise remat's savings)",
+               ["memory", *lsun, "--batch=16", f"--set=model.remat={remat}"])
+      for remat in (False, True)],
+    Workload("matmul_peak_f32", "this machine's float32 matmul peak, [4096,2048]x[2048,2048]",
+             ["matmul_peak", "--dtype=float32"]),
+  ]
+
+
+def accelerator_workloads() -> list[Workload]:
+  """The GPU/TPU suite (`--accelerator`): bfloat16 steps at full batch and 50,000 samples.
+  Our side only; the chip's peak is measured as a bfloat16 matmul."""
+  bf16 = "--set=model.dtype=bfloat16"
+  sample = ["sample", "--config=cifar10", "--num_images=50000", "--batch=2500", bf16]
+  return [
+    Workload("matmul_peak_bf16", "bfloat16 matmul peak, [16384,8192]x[8192,8192]",
+             ["matmul_peak", "--dtype=bfloat16", "--matmul_size=8192"]),
+    Workload("cifar10_train_b128_bf16", "CIFAR-10 train step, bfloat16, batch 128",
+             ["train", "--config=cifar10", "--batch=128", "--steps=50", "--warmup=5", bf16]),
+    Workload("lsun256_train_b64_bf16", "256x256 train step, bfloat16, batch 64, remat",
+             ["train", "--config=lsun_church", "--batch=64", "--steps=10", "--warmup=2", bf16,
+              "--set=model.remat=True"]),
+    Workload("cifar10_sample_50k_ddim100", "50,000 CIFAR-10 samples, DDIM 100 steps, bf16",
+             [*sample, "--sampler=ddim", "--num_steps=100"]),
+    Workload("cifar10_sample_50k_ancestral", "50,000 CIFAR-10 samples, 1000 ancestral steps, "
+             "bf16 (one batch's 50 steps, extrapolated)",
+             [*sample, "--sampler=ancestral", "--timed_steps=50"]),
+  ]
+
+
+def _run_json(module: str, args: list[str], timeout_s: int) -> tuple[dict | None, str | None]:
+  """Runs `python -m module args`; (its JSON result, None) or (None, the error)."""
+  cmd = [sys.executable, "-m", module, *args]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  except subprocess.TimeoutExpired:
+    return None, f"timed out after {timeout_s} s: {' '.join(cmd)}"
+  lines = proc.stdout.strip().splitlines()
+  if proc.returncode != 0 or not lines:
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    return None, f"exit {proc.returncode}: {' '.join(cmd)}\n{tail}"
+  return json.loads(lines[-1]), None
+
+
+def run_workload(w: Workload, quick: bool, with_peer: bool) -> dict[str, Any]:
+  """Both sides of one workload -> its record."""
+  ours_args = (w.quick_ours or w.ours) if quick else w.ours
+  ours, ours_error = _run_json("benchmarks.ours", ours_args, w.timeout_s)
+  theirs, peer_error = None, None
+  if w.peer is not None and with_peer:
+    peer_args = (w.quick_peer or w.peer) if quick else w.peer
+    theirs, peer_error = _run_json("benchmarks.peer", peer_args, w.timeout_s)
+  unit = (ours or theirs or {}).get("unit")
+  record = dict(
+    workload=w.name, description=w.description,
+    ours=ours["value"] if ours else None, peer=theirs["value"] if theirs else None, unit=unit,
+    ratio=None, target=w.target or None, meets_target=None,
+    settings=dict(ours=ours["settings"] if ours else None,
+                  peer=theirs["settings"] if theirs else None))
+  if record["ours"] is not None and record["peer"]:
+    record["ratio"] = record["ours"] / record["peer"]
+  if w.meets is not None and record["ours"] is not None:
+    record["meets_target"] = bool(w.meets(record))
+  errors = [e for e in (ours_error, peer_error) if e]
+  if errors:
+    record["errors"] = errors
+  return record
+
+
+# (train workload, matmul peak workload, target fraction or None)
+_PEAK_FRACTIONS = (("cifar10_train", "matmul_peak_f32", None),
+                   ("cifar10_train_b128_bf16", "matmul_peak_bf16", 0.4),
+                   ("lsun256_train_b64_bf16", "matmul_peak_bf16", 0.4))
+
+
+def derived_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Each train step's FLOP rate (XLA's cost analysis) as a fraction of the measured matmul
+  peak of its precision."""
+  by_name = {r["workload"]: r for r in records}
+  derived = []
+  for train_name, peak_name, target in _PEAK_FRACTIONS:
+    train, peak = by_name.get(train_name), by_name.get(peak_name)
+    if not (train and peak and train["ours"] and peak["ours"]):
+      continue
+    s = train["settings"]["ours"]
+    fraction = s["achieved_gflops"] / peak["ours"]
+    derived.append(dict(
+      workload=f"{train_name}_peak_fraction",
+      description=f"{train_name}: XLA cost-analysis FLOPs/s over the measured {peak_name}",
+      ours=fraction, peer=None, unit="fraction", ratio=None,
+      target=None if target is None else f">= {target:.0%}",
+      meets_target=None if target is None else fraction >= target,
+      settings=dict(ours=dict(flops_per_step=s["flops_per_step"],
+                              achieved_gflops=s["achieved_gflops"],
+                              matmul_peak_gflops=peak["ours"]), peer=None)))
+  return derived
+
+
+def _format(value: float | None, unit: str | None) -> str:
+  if value is None:
+    return "-"
+  if unit == "bytes":
+    return f"{value / GIB:.2f} GiB"
+  if unit == "fraction":
+    return f"{value:.1%}"
+  return f"{value:.4g} {unit}"
+
+
+def table(records: list[dict[str, Any]]) -> str:
+  """The records as an aligned text table."""
+  rows = [("workload", "ours", "peer", "ratio", "target", "met")]
+  for r in records:
+    met = {True: "yes", False: "NO", None: ""}[r["meets_target"]]
+    rows.append((r["workload"], _format(r["ours"], r["unit"]), _format(r["peer"], r["unit"]),
+                 "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["target"] or "", met))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+  return "\n".join(line.rstrip() for line in lines)
+
+
+def machine() -> dict[str, Any]:
+  cpu = platform.processor()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = re.findall(r"model name\s*:\s*(.*)", f.read())
+    cpu = names[0] if names else cpu
+  return dict(host=socket.gethostname(), cpu=cpu, cpu_count=os.cpu_count(),
+              python=platform.python_version(), platform=platform.platform())
+
+
+def results_path(directory: str = RESULTS_DIR, now: datetime.datetime | None = None) -> str:
+  now = now or datetime.datetime.now()
+  host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+  return os.path.join(directory, f"{host}-{now:%Y-%m-%d}.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="The < 10 min subset (2 CPU cores).")
+  p.add_argument("--only", default="", help="Comma-separated workload names.")
+  p.add_argument("--accelerator", action="store_true",
+                 help="The GPU/TPU suite instead: bfloat16 at full batch, 50,000 samples.")
+  p.add_argument("--out", default="", help="Result file (default benchmarks/results/<host>-<date>"
+                 ".json).")
+  args = p.parse_args(argv)
+  with_peer = peer.available()
+  if not with_peer:
+    print("The peer (torch, diffusers) is not installed: pip install -e \".[bench]\". Running our "
+          "side only.", flush=True)
+  with tempfile.TemporaryDirectory(prefix="ddpm_jax_bench_cache_") as cache_dir:
+    suite = accelerator_workloads() if args.accelerator else workloads(cache_dir)
+    names = {w.name for w in suite}
+    only = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(only) - names)
+    if unknown:
+      raise SystemExit(f"Unknown workloads {unknown}; known: {sorted(names)}")
+    selected = [w for w in suite if (w.name in only if only else (w.in_quick or not args.quick))]
+    with_peer = with_peer and not args.accelerator
+    records = []
+    for w in selected:
+      print(f"[{datetime.datetime.now():%H:%M:%S}] {w.name}: {w.description}", flush=True)
+      records.append(run_workload(w, args.quick, with_peer))
+      for error in records[-1].get("errors", []):
+        print(f"  error: {error}", flush=True)
+  records += derived_records(records)
+  print(table(records), flush=True)
+  path = args.out or results_path()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(dict(date=datetime.datetime.now().isoformat(timespec="seconds"), quick=args.quick,
+                   machine=machine(), records=records), f, indent=2)
+    f.write("\n")
+  print(f"Wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

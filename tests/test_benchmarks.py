@@ -1,0 +1,148 @@
+"""The benchmark harness: our side's figures, the persistent compilation cache, the report."""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import tiny_digits_config
+
+from benchmarks import ours, peer, run
+from ddpm_jax import compilation_cache, factories
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ours_cli(*args: str) -> dict:
+  """`python -m benchmarks.ours ...` on one CPU device -> its JSON result."""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.ours", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_figure_and_flops(tmp_path):
+  config = tiny_digits_config(**{"model.dropout": 0.0})
+  result = ours.train_steps_per_s(config, batch=8, steps=2, warmup=1, workdir=str(tmp_path))
+  s = result["settings"]
+  assert result["unit"] == "steps/s" and result["value"] > 0
+  assert s["images_per_s"] == pytest.approx(8 * result["value"])
+  # A train step is the forward pass, its backward (~2x) and the optimizer: ~3x the forward.
+  # XLA's count is per device (4 here, 2 images each).
+  model = factories.create_model(config)
+  local = 8 // jax.device_count()
+  x, t = jnp.zeros((local, 8, 8, 1)), jnp.zeros((local,), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)["params"]
+  cost = jax.jit(model.apply).lower({"params": params}, x, t).compile().cost_analysis()
+  forward = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  assert 2.5 * forward < s["flops_per_step"] < 4.5 * forward
+  assert s["achieved_gflops"] == pytest.approx(s["flops_per_step"] * result["value"] / 1e9)
+  assert s["final_loss"] > 0
+
+
+def test_memory_model_shrinks_with_remat(tmp_path):
+  results = {}
+  for remat in (False, True):
+    config = tiny_digits_config(**{"model.remat": remat})
+    results[remat] = ours.memory_model_bytes(config, batch=16, workdir=str(tmp_path))["settings"]
+  # The state is params + EMA + two Adam moments; remat only changes the saved activations.
+  assert results[True]["train_state_bytes"] == results[False]["train_state_bytes"]
+  assert results[True]["train_state_bytes"] == pytest.approx(
+    4 * results[True]["gradients_bytes"], rel=0.01)
+  assert results[True]["saved_activations_bytes"] < 0.5 * results[False]["saved_activations_bytes"]
+  parts = ("train_state", "gradients", "saved_activations", "block_working_set")
+  for s in results.values():
+    assert s["peak_gib"] * 2**30 == pytest.approx(sum(s[f"{p}_bytes"] for p in parts))
+
+
+def test_compile_is_cached_across_processes(tmp_path):
+  """A second process finds the compiled train step in the persistent cache (no new entries)."""
+  cache = str(tmp_path / "cache")
+  args = ("compile", "--config=digits", "--batch=8", f"--cache_dir={cache}",
+          f"--workdir={tmp_path}", "--set=model.num_res_blocks=1")
+  cold = _ours_cli(*args)["settings"]
+  warm = _ours_cli(*args)["settings"]
+  assert cold["cache_entries_before"] == 0 and cold["cache_entries_after"] > 0
+  assert warm["cache_entries_before"] == cold["cache_entries_after"]
+  assert warm["cache_entries_after"] == warm["cache_entries_before"]
+
+
+def test_enable_compilation_cache(tmp_path):
+  assert compilation_cache.enable("") is None
+  assert jax.config.jax_compilation_cache_dir is None
+  try:
+    assert compilation_cache.enable(str(tmp_path / "c")) == str(tmp_path / "c")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+def test_overrides_keep_field_types():
+  config = tiny_digits_config()
+  ours.apply_overrides(config, ["model.remat=True", "model.conv_impl=shifted_matmul",
+                                "training.batch_size=16", "optim.lr=0.5"])
+  assert config.model.remat is True and config.model.conv_impl == "shifted_matmul"
+  assert config.training.batch_size == 16 and config.optim.lr == 0.5
+
+
+def _record(name, ours_value, peer_value, unit="steps/s"):
+  return dict(workload=name, description="", ours=ours_value, peer=peer_value, unit=unit,
+              ratio=None if peer_value is None else ours_value / peer_value, target=None,
+              meets_target=None, settings=dict(ours={}, peer=None))
+
+
+def test_workload_record_ratio_and_target(monkeypatch):
+  results = {"benchmarks.ours": dict(value=6.0, unit="steps/s", settings={"a": 1}),
+             "benchmarks.peer": dict(value=4.0, unit="steps/s", settings={"b": 2})}
+  monkeypatch.setattr(run, "_run_json", lambda module, args, timeout: (results[module], None))
+  w = run.Workload("x", "d", ["train"], ["train"], target=">= 2x peer",
+                   meets=run._ratio_at_least(2.0))
+  record = run.run_workload(w, quick=False, with_peer=True)
+  assert record["ratio"] == pytest.approx(1.5) and record["meets_target"] is False
+  assert record["settings"] == {"ours": {"a": 1}, "peer": {"b": 2}}
+  assert run.run_workload(w, quick=False, with_peer=False)["peer"] is None
+
+  monkeypatch.setattr(run, "_run_json", lambda module, args, timeout: (None, "exit 1: boom"))
+  failed = run.run_workload(w, quick=True, with_peer=True)
+  assert failed["ours"] is None and failed["ratio"] is None and len(failed["errors"]) == 2
+
+
+def test_suite_quick_subset_and_targets():
+  suite = {w.name: w for w in run.workloads("/tmp/cache")}
+  assert {"digits_train", "digits_sample_ancestral", "digits_sample_ddim50", "cifar10_train",
+          "cifar10_forward", "cifar10_compile_cold", "cifar10_compile_cached",
+          "lsun256_memory_b16_remat", "matmul_peak_f32"} <= {n for n, w in suite.items()
+                                                             if w.in_quick}
+  # Quick runs extrapolate the 1000-step chains; the full run samples them.
+  assert "--timed_steps=20" in suite["digits_sample_ancestral"].quick_peer
+  assert not any(a.startswith("--timed_steps") for a in suite["digits_sample_ancestral"].peer)
+  assert suite["lsun256_memory_b16_remat"].meets(_record("m", 15 * 2**30, None, "bytes"))
+  assert not suite["lsun256_memory_b16_remat"].meets(_record("m", 17 * 2**30, None, "bytes"))
+
+
+def test_table_derived_fraction_and_results_path(tmp_path):
+  train = _record("cifar10_train", 0.5, 1.0)
+  train["settings"]["ours"] = dict(flops_per_step=4e11, achieved_gflops=200.0)
+  records = [train, _record("matmul_peak_f32", 400.0, None, "GFLOP/s")]
+  derived = run.derived_records(records)
+  assert derived[0]["workload"] == "cifar10_train_peak_fraction"
+  assert derived[0]["ours"] == pytest.approx(0.5)
+  text = run.table(records + derived)
+  assert "0.50x" in text and "50.0%" in text and "400 GFLOP/s" in text
+  path = run.results_path(str(tmp_path), datetime.datetime(2026, 11, 28))
+  assert path.startswith(str(tmp_path)) and path.endswith("-2026-11-28.json")
+
+
+def test_every_suite_entry_parses():
+  """Both suites' command lines are valid for `benchmarks.ours` and `benchmarks.peer`."""
+  for w in run.workloads("/tmp/cache") + run.accelerator_workloads():
+    for args in (w.ours, w.quick_ours):
+      if args:
+        ours._parser().parse_args(args)
+    for args in (w.peer, w.quick_peer):
+      if args:
+        peer._parser().parse_args(args)
