@@ -4,6 +4,8 @@
   python -m benchmarks.run          # Full run; the peer's 1000 x 1000 sampling alone takes minutes.
   python -m benchmarks.run --quick  # < 10 min on 2 CPU cores: shorter timings, extrapolated chains.
   python -m benchmarks.run --only=digits_train,cifar10_train
+  python -m benchmarks.run --accelerator   # GPU/TPU: bfloat16 steps at full batch, 50k samples.
+  python -m benchmarks.run --show=benchmarks/results/<host>-<date>.json   # as a Markdown table
 
 Installs nothing. The peer (HF diffusers UNet2DModel + DDPMScheduler on PyTorch) comes from the
 optional extra, `pip install -e ".[bench]"`; without it the peer's column is empty. Each figure runs
@@ -235,6 +237,17 @@ def table(records: list[dict[str, Any]]) -> str:
   return "\n".join(line.rstrip() for line in lines)
 
 
+def markdown_table(records: list[dict[str, Any]]) -> str:
+  """The records as a Markdown table (the README's)."""
+  lines = ["| workload | ours | diffusers | ratio | target | met |", "|---|---|---|---|---|---|"]
+  for r in records:
+    met = {True: "yes", False: "no", None: ""}[r["meets_target"]]
+    ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+    lines.append(f"| `{r['workload']}` | {_format(r['ours'], r['unit'])} | "
+                 f"{_format(r['peer'], r['unit'])} | {ratio} | {r['target'] or ''} | {met} |")
+  return "\n".join(lines)
+
+
 def machine() -> dict[str, Any]:
   cpu = platform.processor()
   if os.path.exists("/proc/cpuinfo"):
@@ -259,7 +272,13 @@ def main(argv: list[str] | None = None) -> None:
                  help="The GPU/TPU suite instead: bfloat16 at full batch, 50,000 samples.")
   p.add_argument("--out", default="", help="Result file (default benchmarks/results/<host>-<date>"
                  ".json).")
+  p.add_argument("--show", default="", metavar="RESULTS_JSON",
+                 help="Print a results file as a Markdown table and exit.")
   args = p.parse_args(argv)
+  if args.show:
+    with open(args.show) as f:
+      print(markdown_table(json.load(f)["records"]))
+    return
   with_peer = peer.available()
   if not with_peer:
     print("The peer (torch, diffusers) is not installed: pip install -e \".[bench]\". Running our "

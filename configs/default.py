@@ -34,8 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.resamp_with_conv = True
   model.dtype = "float32"  # Compute dtype: float32 | bfloat16.
   model.param_dtype = "float32"
-  model.remat = False  # Recompute each ResBlock's activations in the backward pass (less memory).
-  # How 3x3 convolutions run: xla | xla_matmul_grad | shifted_matmul (ddpm_jax/models/convolution.py).
+  model.remat = False  # Recompute blocks' activations in the backward pass (less memory).
+  # How 3x3 convolutions run: xla | xla_matmul_grad | shifted_matmul (models/convolution.py).
   model.conv_impl = "xla"
 
   config.diffusion = diffusion = ml_collections.ConfigDict()

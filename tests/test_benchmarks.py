@@ -133,6 +133,8 @@ def test_table_derived_fraction_and_results_path(tmp_path):
   assert derived[0]["ours"] == pytest.approx(0.5)
   text = run.table(records + derived)
   assert "0.50x" in text and "50.0%" in text and "400 GFLOP/s" in text
+  markdown = run.markdown_table(records + derived).splitlines()
+  assert len(markdown) == 2 + 3 and markdown[2].startswith("| `cifar10_train` | 0.5 steps/s |")
   path = run.results_path(str(tmp_path), datetime.datetime(2026, 11, 28))
   assert path.startswith(str(tmp_path)) and path.endswith("-2026-11-28.json")
 

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,6 +276,24 @@ def test_group_norm_matches_numpy(channels):
   np.testing.assert_allclose(
     module.apply({"params": params}, jnp.asarray(x, jnp.float32)),
     _np_group_norm(x, scale, bias), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [32, 96])
+def test_group_norm_gradient_equals_autodiff_of_flax_group_norm(channels):
+  """The closed-form backward pass equals autodiff through nn.GroupNorm's formulation."""
+  x = jax.random.normal(jax.random.key(4), (2, 4, 4, channels)) * 2 + 0.5
+  params = {"scale": 1 + 0.2 * jax.random.normal(jax.random.key(5), (channels,)),
+            "bias": 0.3 * jax.random.normal(jax.random.key(6), (channels,))}
+  reference = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False)
+  weights = jax.random.normal(jax.random.key(7), x.shape)  # A cotangent that varies everywhere.
+
+  def loss(params, x, module):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, x)) * weights)
+
+  ours = jax.grad(loss, (0, 1))(params, x, GroupNorm())
+  theirs = jax.grad(loss, (0, 1))(params, x, reference)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), ours, theirs)
+  assert float(jnp.max(jnp.abs(ours[1]))) > 0.1
 
 
 def test_attention_block_matches_numpy():

@@ -73,13 +73,13 @@ def _conv_matmul_grad_bwd(stride, padding, residuals, g):
 _conv_matmul_grad.defvjp(_conv_matmul_grad_fwd, _conv_matmul_grad_bwd)
 
 
-def _varying_like(kernel: jax.Array, x: jax.Array) -> jax.Array:
-  """Under shard_map, marks a replicated kernel as varying over x's mesh axes, the implicit
-  broadcast autodiff would insert (its transpose sums the kernel gradient over devices); a
-  custom VJP must see it explicitly. Outside shard_map, the kernel as it is."""
+def varying_like(param: jax.Array, x: jax.Array) -> jax.Array:
+  """Under shard_map, marks a replicated parameter as varying over x's mesh axes: the implicit
+  broadcast autodiff would insert (its transpose sums the parameter's gradient over devices),
+  which a custom VJP must see explicitly. Outside shard_map, the parameter as it is."""
   axes = tuple(sorted(jax.typeof(x).manual_axis_type.varying
-                      - jax.typeof(kernel).manual_axis_type.varying))
-  return jax.lax.pcast(kernel, axes, to="varying") if axes else kernel
+                      - jax.typeof(param).manual_axis_type.varying))
+  return jax.lax.pcast(param, axes, to="varying") if axes else param
 
 
 def conv3x3(
@@ -94,5 +94,5 @@ def conv3x3(
   if impl == "shifted_matmul":
     return _shifted_matmul(x, kernel, stride, pad)
   if impl == "xla_matmul_grad" and x.shape[1] * x.shape[2] >= MATMUL_GRAD_MIN_PIXELS:
-    return _conv_matmul_grad(x, _varying_like(kernel, x), stride, pad)
+    return _conv_matmul_grad(x, varying_like(kernel, x), stride, pad)
   return _lax_conv(x, kernel, stride, pad)

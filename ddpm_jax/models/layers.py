@@ -5,6 +5,7 @@ attention softmax always run in float32. Module and parameter names follow the o
 (see `ddpm_jax.models.unet` for the full mapping).
 """
 
+import functools
 import math
 from typing import Any
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax.models import convolution
+from ddpm_jax.models.convolution import varying_like
 
 Dtype = Any
 
@@ -54,13 +56,66 @@ def default_init(scale: float = 1.0) -> jax.nn.initializers.Initializer:
     1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
+def _group_stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """Each example's group mean and 1/std (two-pass variance) of float32 x [B, ..., C], as
+  [B, 1.., C] (broadcast back over each group's channels)."""
+  batch, channels = x.shape[0], x.shape[-1]
+  spatial = tuple(range(1, x.ndim - 1))
+
+  def group_mean(v):
+    per_channel = jnp.mean(v, axis=spatial).reshape(batch, num_groups, channels // num_groups)
+    means = jnp.repeat(jnp.mean(per_channel, axis=-1), channels // num_groups, axis=-1)
+    return means.reshape(batch, *(1,) * len(spatial), channels)
+
+  mean = group_mean(x)
+  centred = x - mean
+  return mean, jax.lax.rsqrt(group_mean(centred * centred) + epsilon)
+
+
+def _group_mean_like(v: jax.Array, num_groups: int) -> jax.Array:
+  return _group_stats(v, num_groups, 0.0)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_fn(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+                  epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias over each example's groups, float32 [B, ..., C].
+
+  The backward pass keeps only x and the [B, C] statistics (autodiff would keep x - mean and
+  its normalised copy too) and is the closed form
+  dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), dxhat = g scale.
+  """
+  mean, rstd = _group_stats(x, num_groups, epsilon)
+  return (x - mean) * rstd * scale + bias
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
+  mean, rstd = _group_stats(x, num_groups, epsilon)
+  return (x - mean) * rstd * scale + bias, (x, scale, mean, rstd)
+
+
+def _group_norm_bwd(num_groups, epsilon, residuals, g):
+  x, scale, mean, rstd = residuals
+  xhat = (x - mean) * rstd
+  reduce_axes = tuple(range(x.ndim - 1))
+  d_scale = jnp.sum(g * xhat, axis=reduce_axes)
+  d_bias = jnp.sum(g, axis=reduce_axes)
+  dxhat = g * scale
+  dx = rstd * (dxhat - _group_mean_like(dxhat, num_groups)
+               - xhat * _group_mean_like(dxhat * xhat, num_groups))
+  return dx, d_scale, d_bias
+
+
+group_norm_fn.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class GroupNorm(nn.Module):
   """GroupNorm over [B, ..., C] in float32 with params `scale` and `bias` [C], as nn.GroupNorm.
 
   The same maths as tf.contrib.layers.group_norm (two-pass variance over each group's spatial
   positions and channels), written as per-channel spatial means followed by means over each
-  group's channels: XLA:CPU runs these 1.5-2.5x faster than reductions over nn.GroupNorm's
-  [B, H, W, G, C/G] view (whose minor axis may hold a single channel).
+  group's channels, with a closed-form backward pass (`group_norm_fn`): on XLA:CPU 1.5-2.5x
+  faster than nn.GroupNorm's [B, H, W, G, C/G] reductions, and it keeps less for the backward.
   """
 
   num_groups: int = 32
@@ -69,23 +124,14 @@ class GroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    batch, channels = x.shape[0], x.shape[-1]
+    channels = x.shape[-1]
     if channels % self.num_groups:
       raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
-    per_group = channels // self.num_groups
     scale = self.param("scale", jax.nn.initializers.ones, (channels,), self.param_dtype)
     bias = self.param("bias", jax.nn.initializers.zeros, (channels,), self.param_dtype)
-    spatial = tuple(range(1, x.ndim - 1))
-
-    def group_mean(v):  # [B, ..., C] -> each group's mean, broadcast back to [B, 1.., C].
-      per_channel = jnp.mean(v, axis=spatial).reshape(batch, self.num_groups, per_group)
-      means = jnp.repeat(jnp.mean(per_channel, axis=-1), per_group, axis=-1)
-      return means.reshape(batch, *(1,) * len(spatial), channels)
-
     x = x.astype(jnp.float32)
-    centred = x - group_mean(x)
-    normed = centred * jax.lax.rsqrt(group_mean(centred * centred) + self.epsilon)
-    return normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    scale, bias = (varying_like(p.astype(jnp.float32), x) for p in (scale, bias))
+    return group_norm_fn(x, scale, bias, self.num_groups, self.epsilon)
 
 
 def group_norm(name: str, param_dtype: Dtype, parent: Any = None) -> GroupNorm:
