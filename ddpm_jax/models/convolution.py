@@ -7,7 +7,7 @@ and give the same result (up to float summation order). They differ only in the 
                      kernel gradient as nine matmuls, one per tap: dW[i, j] = shift_ij(x)^T g.
                      XLA:CPU computes the kernel gradient as a convolution with an H x W window,
                      slow for large images (32x32x128, batch 16: 57 vs 95 GFLOP/s on 2 cores;
-                     at 16x16 XLA's own is faster, 177 vs 150). CIFAR-10 train step: 1.15x.
+                     at 16x16 XLA's own is faster, 177 vs 150). CIFAR-10 train step: 1.14x.
   "shifted_matmul"   the whole convolution as one matmul over the nine shifted views of x
                      (im2col), accumulated in float32 (`preferred_element_type`): on CPUs with
                      bfloat16 matrix units (AMX) this is what reaches them.
