@@ -4,7 +4,8 @@
   python -m benchmarks.ours train --config=cifar10 --batch=16 --set=model.conv_impl=xla_matmul_grad
   python -m benchmarks.ours sample --config=digits --num_images=1000 --timed_steps=20
   python -m benchmarks.ours compile --config=cifar10 --batch=16 --cache_dir=/tmp/jax_cache
-  python -m benchmarks.ours memory --config=lsun_church --batch=16 --set=model.remat=True
+  python -m benchmarks.ours memory_model --config=lsun_church --batch=16 --set=model.remat=True
+  python -m benchmarks.ours memory --config=lsun_church --batch=16   # XLA's whole-step analysis
 
 Each prints one JSON line, {"workload", "value", "unit", "settings"}, as its last stdout line (the
 same format as `benchmarks.peer`). Every figure runs in its own process, so a compile is cold
