@@ -16,12 +16,8 @@ program `--mode=train` runs, over all local devices (on one device, batch = per-
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import math
 import os
 import platform
-import sys
 import time
 from typing import Any
 
@@ -30,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from benchmarks.peer import load_config
+from benchmarks.common import load_config, print_result
 from ddpm_jax import compilation_cache, factories, sample, train_step
 from ddpm_jax.train import TrainLoop
 
@@ -334,11 +330,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
   args = _parser().parse_args(argv)
-  with contextlib.redirect_stdout(sys.stderr):  # Keep stdout to the one JSON line.
-    result = run_workload(args)
-  if not math.isfinite(result["value"]):
-    raise SystemExit(f"Non-finite result: {result}")
-  print(json.dumps(result), flush=True)
+  print_result(lambda: run_workload(args))
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ config's U-Net parameters (`seed_params`, the CLI's --seed_params) or to load `p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import json
-import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from benchmarks.common import load_config, print_result
 
 if TYPE_CHECKING:
   import ml_collections
@@ -44,12 +42,6 @@ def available() -> bool:
   except ImportError:
     return False
   return True
-
-
-def load_config(name: str) -> ml_collections.ConfigDict:
-  """'digits' (or 'configs/digits.py') -> `configs.digits.get_config()`."""
-  name = os.path.splitext(os.path.basename(name))[0]
-  return importlib.import_module(f"configs.{name}").get_config()
 
 
 # -- The model. ---------------------------------------------------------------------------------
@@ -340,11 +332,7 @@ def main(argv: list[str] | None = None) -> None:
   args = _parser().parse_args(argv)
   if not available():
     raise SystemExit("benchmarks.peer needs torch and diffusers (the `bench` extra).")
-  with contextlib.redirect_stdout(sys.stderr):  # Keep stdout to the one JSON line.
-    result = run_workload(args)
-  if not math.isfinite(result["value"]):
-    raise SystemExit(f"Non-finite result: {result}")
-  print(json.dumps(result), flush=True)
+  print_result(lambda: run_workload(args))
 
 
 if __name__ == "__main__":

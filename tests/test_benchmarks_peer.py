@@ -14,23 +14,13 @@ pytest.importorskip("diffusers")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
+from test_convert import random_params  # noqa: E402
 
 from benchmarks import peer  # noqa: E402
 from configs import cifar10, digits  # noqa: E402
 from ddpm_jax import convert, factories  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_params(config, seed: int) -> dict:
-  """Random params of the config's U-Net, no layer near zero or identity (our init zeroes some)."""
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for path, leaf in convert.variable_shapes(config).items():
-    fan_in = math.prod(leaf.shape[:-1]) if path.endswith("/kernel") else 1
-    value = rng.normal(size=leaf.shape) / math.sqrt(fan_in) * (1.0 if fan_in > 1 else 0.1)
-    flat[path] = (value + path.endswith("/scale")).astype(np.float32)
-  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 @pytest.mark.parametrize("get_config", [cifar10.get_config, digits.get_config])

@@ -83,9 +83,8 @@ def varying_like(param: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def conv3x3(
-  x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Sequence[Sequence[int]] = ((1, 1),
-                                                                                       (1, 1)),
-  impl: str = "xla",
+  x: jax.Array, kernel: jax.Array, stride: int = 1,
+  padding: Sequence[Sequence[int]] = ((1, 1), (1, 1)), impl: str = "xla",
 ) -> jax.Array:
   """x [B, H, W, C] * kernel [3, 3, C, O] -> [B, H', W', O] in x's dtype, by `impl`."""
   if impl not in CONV_IMPLS:

@@ -56,24 +56,22 @@ def default_init(scale: float = 1.0) -> jax.nn.initializers.Initializer:
     1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
+def _group_mean(v: jax.Array, num_groups: int) -> jax.Array:
+  """Each example's mean over each group's positions and channels of v [B, ..., C], broadcast
+  back over the group's channels as [B, 1.., C]: per-channel spatial means, then group means."""
+  batch, channels = v.shape[0], v.shape[-1]
+  spatial = tuple(range(1, v.ndim - 1))
+  per_channel = jnp.mean(v, axis=spatial).reshape(batch, num_groups, channels // num_groups)
+  means = jnp.repeat(jnp.mean(per_channel, axis=-1), channels // num_groups, axis=-1)
+  return means.reshape(batch, *(1,) * len(spatial), channels)
+
+
 def _group_stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
   """Each example's group mean and 1/std (two-pass variance) of float32 x [B, ..., C], as
-  [B, 1.., C] (broadcast back over each group's channels)."""
-  batch, channels = x.shape[0], x.shape[-1]
-  spatial = tuple(range(1, x.ndim - 1))
-
-  def group_mean(v):
-    per_channel = jnp.mean(v, axis=spatial).reshape(batch, num_groups, channels // num_groups)
-    means = jnp.repeat(jnp.mean(per_channel, axis=-1), channels // num_groups, axis=-1)
-    return means.reshape(batch, *(1,) * len(spatial), channels)
-
-  mean = group_mean(x)
+  [B, 1.., C]."""
+  mean = _group_mean(x, num_groups)
   centred = x - mean
-  return mean, jax.lax.rsqrt(group_mean(centred * centred) + epsilon)
-
-
-def _group_mean_like(v: jax.Array, num_groups: int) -> jax.Array:
-  return _group_stats(v, num_groups, 0.0)[0]
+  return mean, jax.lax.rsqrt(_group_mean(centred * centred, num_groups) + epsilon)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -101,8 +99,8 @@ def _group_norm_bwd(num_groups, epsilon, residuals, g):
   d_scale = jnp.sum(g * xhat, axis=reduce_axes)
   d_bias = jnp.sum(g, axis=reduce_axes)
   dxhat = g * scale
-  dx = rstd * (dxhat - _group_mean_like(dxhat, num_groups)
-               - xhat * _group_mean_like(dxhat * xhat, num_groups))
+  dx = rstd * (dxhat - _group_mean(dxhat, num_groups)
+               - xhat * _group_mean(dxhat * xhat, num_groups))
   return dx, d_scale, d_bias
 
 
