@@ -47,11 +47,14 @@ EXTRAS_REQUIRE = {
     ],
 }
 
+with open("README.md", encoding="utf-8") as f:
+    LONG_DESCRIPTION = f.read()
+
 setup(
     name="ddpm_jax",
     version="0.1.0",
     description="Denoising Diffusion Probabilistic Models (Ho et al. 2020) in JAX/Flax.",
-    long_description=open("README.md").read(),
+    long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["ddpm_jax", "ddpm_jax.*", "configs"]),

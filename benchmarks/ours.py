@@ -9,7 +9,7 @@
 
 Each prints one JSON line, {"workload", "value", "unit", "settings"}, as its last stdout line (the
 same format as `benchmarks.peer`). Every figure runs in its own process, so a compile is cold
-unless --cache_dir holds an earlier one. The train step is `TrainLoop.train_step`, the very
+unless --cache_dir holds an earlier one. The train step is `TrainProgram.train_step`, the very
 program `--mode=train` runs, over all local devices (on one device, batch = per-device batch).
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -26,9 +27,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from benchmarks import flops
 from benchmarks.common import load_config, print_result
-from ddpm_jax import compilation_cache, factories, sample, train_step
-from ddpm_jax.train import TrainLoop
+from ddpm_jax import compilation_cache, factories, sampling, train_step
+from ddpm_jax.train_program import TrainProgram
 
 Result = dict[str, Any]
 WORKLOADS = ("train", "forward", "sample", "compile", "memory", "memory_model", "matmul_peak")
@@ -59,16 +61,48 @@ def _block(tree: Any) -> None:
   jax.block_until_ready(tree)
 
 
-def _train_program(config: ml_collections.ConfigDict, batch: int, workdir: str):
+def _train_program(config: ml_collections.ConfigDict, batch: int):
   """(compiled step, state, global batch, lower+compile seconds) over all local devices."""
   config.training.batch_size = batch
-  loop = TrainLoop(config, workdir)
+  loop = TrainProgram(config)
   state = loop.init_fn()
   x0 = np.random.default_rng(0).uniform(-1, 1, (batch, *factories.image_shape(config)))
   x = train_step.global_batch(x0.astype(np.float32), loop.mesh)
   start = time.perf_counter()
   compiled = loop.train_step(1).lower(state, x).compile()
   return compiled, state, x, time.perf_counter() - start
+
+
+def _abstract_step_inputs(program: TrainProgram, batch: int) -> tuple[Any, jax.ShapeDtypeStruct]:
+  """(state, x) as shapes with the train step's shardings: lowers it without allocating."""
+  replicated = train_step.replicated(program.mesh)
+  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                       jax.eval_shape(program.init_fn))
+  x = jax.ShapeDtypeStruct((batch, *factories.image_shape(program.config)), jnp.float32,
+                           sharding=train_step.batch_sharding(program.mesh))
+  return state, x
+
+
+def _xla_flops(compiled: Any) -> float:
+  """XLA's FLOP count of a compiled program (on GPU without the cuDNN convolutions); NaN where
+  the backend gives none."""
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+  except Exception as e:  # Cost analysis support differs between backends.
+    print(f"No FLOP count from XLA's cost analysis: {e!r}", file=sys.stderr)
+    return float("nan")
+
+
+def model_flops_per_step(config: ml_collections.ConfigDict, batch: int) -> float:
+  """The train step's model FLOPs per device (`benchmarks.flops`: convolutions and dots of its
+  jaxpr, on any backend), with `model.remat` off so that remat's recomputation is not counted."""
+  config = config.copy_and_resolve_references()
+  config.model.remat = False
+  config.training.batch_size = batch
+  program = TrainProgram(config)
+  return float(flops.model_flops(program.train_step(1), *_abstract_step_inputs(program, batch)))
 
 
 def matmul_peak(dtype: str = "float32", n: int = 2048, iters: int = 10) -> Result:
@@ -87,10 +121,11 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, iters: int = 10) -> Resul
                             device=jax.devices()[0].device_kind))
 
 
-def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int, warmup: int,
-                      workdir: str) -> Result:
-  """Steps/s of the train step; also XLA's FLOPs per step and their rate, per device."""
-  compiled, state, x, compile_s = _train_program(config, batch, workdir)
+def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int,
+                      warmup: int) -> Result:
+  """Steps/s of the train step; also FLOPs per step and their rate, per device: XLA's count of
+  the compiled step (what ran, remat's recomputation included) and the model FLOPs."""
+  compiled, state, x, compile_s = _train_program(config, batch)
   for _ in range(warmup):
     state, metrics = compiled(state, x)
   _block(metrics)
@@ -99,12 +134,12 @@ def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int,
     state, metrics = compiled(state, x)
   _block(metrics)
   seconds = (time.perf_counter() - start) / steps
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  flops = float(cost.get("flops", float("nan")))
+  xla_flops = _xla_flops(compiled)
+  model_flops = model_flops_per_step(config, batch)
   return dict(value=1 / seconds, unit="steps/s", settings=_settings(
     config, batch=batch, steps=steps, warmup_steps=warmup, images_per_s=batch / seconds,
-    compile_s=compile_s, flops_per_step=flops, achieved_gflops=flops / seconds / 1e9,
+    compile_s=compile_s, flops_per_step=xla_flops, achieved_gflops=xla_flops / seconds / 1e9,
+    model_flops_per_step=model_flops, model_gflops_per_s=model_flops / seconds / 1e9,
     final_loss=float(metrics["loss"])))
 
 
@@ -130,9 +165,10 @@ def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: i
 
 def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, sampler: str,
                         num_steps: int | None, timed_steps: int | None, eta: float,
-                        batch: int | None = None) -> Result:
+                        batch: int | None = None, max_seconds: float = 0.0) -> Result:
   """Images/s of `num_images` samples by the `--mode=sample` sampler, in batches of `batch`
-  (default: all in one), after one untimed batch that compiles.
+  (default: all in one), after one untimed batch that compiles. With `max_seconds` > 0 it stops
+  after the batch that crosses it and reports the rate of the images done (settings say how many).
 
   With `timed_steps` < T (ancestral, one batch), the same reverse step runs `timed_steps` times
   in the compiled loop and the chain's time is extrapolated to all T steps.
@@ -145,9 +181,9 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, samp
     jax.random.PRNGKey(config.training.seed), jnp.zeros((1, *shape[1:])),
     jnp.zeros((1,), jnp.int32))["params"]
   num_steps = num_steps or diffusion.num_timesteps
-  spec = sample.SamplerSpec(sampler, num_steps, 1.0 if sampler == "ancestral" else eta)
+  spec = sampling.SamplerSpec(sampler, num_steps, 1.0 if sampler == "ancestral" else eta)
   keys = np.asarray(jax.random.split(jax.random.PRNGKey(config.sample.seed), num_images))
-  extrapolated = None
+  extrapolated, timed = None, num_images
   if timed_steps and sampler == "ancestral" and timed_steps < num_steps:
     def chain(params, x, rng):
       def model_fn(x, t):
@@ -165,30 +201,33 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, samp
     extrapolated = timed_steps
   else:
     mesh = train_step.make_mesh()
-    sample_fn = sample.make_sample_fn(diffusion, model, mesh, shape[1:], spec, batch)
+    sample_fn = sampling.make_sample_fn(diffusion, model, mesh, shape[1:], spec, batch)
     params = jax.device_put(params, train_step.replicated(mesh))
     compile_start = time.perf_counter()
     sample_fn(params, keys[:batch])
     compile_s = time.perf_counter() - compile_start  # Includes one full chain.
-    start = time.perf_counter()
+    start, timed = time.perf_counter(), 0
     for first in range(0, num_images, batch):
       images = sample_fn(params, keys[first:first + batch])
       if not np.isfinite(images).all():
         raise RuntimeError("non-finite samples")
+      timed += len(images)
+      if max_seconds and time.perf_counter() - start > max_seconds:
+        break
     seconds = time.perf_counter() - start
-  return dict(value=num_images / seconds, unit="images/s", settings=_settings(
-    config, num_images=num_images, batch=batch, sampler=sampler, num_steps=num_steps, eta=spec.eta,
-    extrapolated_from_steps=extrapolated, chain_seconds=seconds, first_call_s=compile_s))
+  return dict(value=timed / seconds, unit="images/s", settings=_settings(
+    config, num_images=num_images, num_images_timed=timed, batch=batch, sampler=sampler,
+    num_steps=num_steps, eta=spec.eta, extrapolated_from_steps=extrapolated,
+    chain_seconds=seconds, first_call_s=compile_s))
 
 
-def compile_seconds(config: ml_collections.ConfigDict, batch: int, cache_dir: str,
-                    workdir: str) -> Result:
+def compile_seconds(config: ml_collections.ConfigDict, batch: int, cache_dir: str) -> Result:
   """Seconds to lower and compile the train step in this (fresh) process; with `cache_dir`,
   through JAX's persistent cache (cold when it is empty, warm on a second start)."""
   entries_before = _count_files(cache_dir)
   if cache_dir:
     compilation_cache.enable(cache_dir, min_compile_secs=0.0)
-  _, _, _, seconds = _train_program(config, batch, workdir)
+  _, _, _, seconds = _train_program(config, batch)
   return dict(value=seconds, unit="s", settings=_settings(
     config, batch=batch, cache_dir=cache_dir or None, cache_entries_before=entries_before,
     cache_entries_after=_count_files(cache_dir)))
@@ -200,18 +239,12 @@ def _count_files(directory: str) -> int:
   return sum(len(files) for _, _, files in os.walk(directory))
 
 
-def peak_memory_bytes(config: ml_collections.ConfigDict, batch: int, workdir: str) -> Result:
+def peak_memory_bytes(config: ml_collections.ConfigDict, batch: int) -> Result:
   """Peak device memory of the train step at per-device `batch`, from XLA's compiled memory
   analysis: arguments + outputs - donated (aliased) + temporaries. Compiled, never run."""
   config.training.batch_size = batch
-  loop = TrainLoop(config, workdir)
-  mesh = loop.mesh
-  state = jax.eval_shape(loop.init_fn)
-  replicated = train_step.replicated(mesh)
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                       state)
-  x = jax.ShapeDtypeStruct((batch, *factories.image_shape(config)), jnp.float32,
-                           sharding=train_step.batch_sharding(mesh))
+  loop = TrainProgram(config)
+  state, x = _abstract_step_inputs(loop, batch)
   start = time.perf_counter()
   compiled = loop.train_step(1).lower(state, x).compile()
   compile_s = time.perf_counter() - start
@@ -250,7 +283,7 @@ def _largest_block_working_set(config: ml_collections.ConfigDict, batch: int) ->
              + mem.temp_size_in_bytes)
 
 
-def memory_model_bytes(config: ml_collections.ConfigDict, batch: int, workdir: str) -> Result:
+def memory_model_bytes(config: ml_collections.ConfigDict, batch: int) -> Result:
   """Peak memory per device of the train step at per-device `batch`, modelled from its parts:
   train state (params, EMA, Adam moments) + gradients + the activations the forward pass keeps
   for the backward pass (JAX's saved residuals, which `model.remat` shrinks) + the largest
@@ -260,7 +293,7 @@ def memory_model_bytes(config: ml_collections.ConfigDict, batch: int, workdir: s
   from jax._src.ad_checkpoint import saved_residuals  # No public API returns them.
 
   config.training.batch_size = batch
-  loop = TrainLoop(config, workdir)
+  loop = TrainProgram(config)
   state = jax.eval_shape(loop.init_fn)
   shape = (batch, *factories.image_shape(config))
 
@@ -284,21 +317,20 @@ def memory_model_bytes(config: ml_collections.ConfigDict, batch: int, workdir: s
 def run_workload(args: argparse.Namespace) -> Result:
   config = load_config(args.config)
   overrides = apply_overrides(config, args.set)
-  workdir = args.workdir
   batch = args.batch or config.training.batch_size
   if args.workload == "train":
-    result = train_steps_per_s(config, batch, args.steps, args.warmup, workdir)
+    result = train_steps_per_s(config, batch, args.steps, args.warmup)
   elif args.workload == "forward":
     result = forward_images_per_s(config, batch, args.steps, args.warmup)
   elif args.workload == "sample":
     result = sample_images_per_s(config, args.num_images, args.sampler, args.num_steps,
-                                 args.timed_steps, args.eta, args.batch)
+                                 args.timed_steps, args.eta, args.batch, args.max_seconds)
   elif args.workload == "compile":
-    result = compile_seconds(config, batch, args.cache_dir, workdir)
+    result = compile_seconds(config, batch, args.cache_dir)
   elif args.workload == "memory":
-    result = peak_memory_bytes(config, batch, workdir)
+    result = peak_memory_bytes(config, batch)
   elif args.workload == "memory_model":
-    result = memory_model_bytes(config, batch, workdir)
+    result = memory_model_bytes(config, batch)
   else:
     result = matmul_peak(args.dtype, args.matmul_size)
   result["settings"].update(config=args.config, overrides=overrides)
@@ -321,10 +353,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--timed_steps", type=int, default=None,
                  help="sample (ancestral): run this many steps and extrapolate to T.")
   p.add_argument("--eta", type=float, default=0.0, help="sample with ddim: eta.")
+  p.add_argument("--max_seconds", type=float, default=0.0,
+                 help="sample: stop after the batch that crosses this many seconds (0: never).")
   p.add_argument("--cache_dir", default="", help="compile: persistent cache directory.")
   p.add_argument("--dtype", default="float32", help="matmul_peak: float32 | bfloat16.")
   p.add_argument("--matmul_size", type=int, default=2048, help="matmul_peak: n of [2n,n]x[n,n].")
-  p.add_argument("--workdir", default="/tmp/ddpm_jax_bench", help="Scratch dir (nothing kept).")
   return p
 
 

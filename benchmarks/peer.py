@@ -88,8 +88,8 @@ def build_model(config: ml_collections.ConfigDict, params: Any = None) -> torch.
 
 
 def seed_params(config: ml_collections.ConfigDict) -> Any:
-  """Our U-Net's initial params (numpy pytree), as `ddpm_jax.train.init_train_state` draws them
-  (jitted) from `PRNGKey(config.training.seed)`; jax runs on the CPU."""
+  """Our U-Net's initial params (numpy pytree), as `ddpm_jax.train_program.init_train_state`
+  draws them (jitted) from `PRNGKey(config.training.seed)`; jax runs on the CPU."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   import jax.numpy as jnp

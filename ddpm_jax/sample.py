@@ -25,28 +25,22 @@ Samplers (`sample.sampler`):
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import os
 import time
 import zipfile
-from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import factories, file_io, image_grid, run_checkpoints, sampling, train
-from ddpm_jax import train_step as train_step_lib
 from ddpm_jax.config_validation import ConfigError, validate_config
-from ddpm_jax.diffusion import GaussianDiffusion
+from ddpm_jax.sampling import SamplerSpec, make_sample_fn
 
 NoCheckpointError = run_checkpoints.NoCheckpointError
 SHARD_PATTERN = "shard_*.npz"
@@ -55,22 +49,6 @@ GRID_SIZE = 64
 # Fixed zip timestamps make a shard's bytes depend only on its arrays.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSpec:
-  """What the reverse chain does: `sampler` ('ancestral' | 'ddim'), steps, eta, clipping."""
-
-  sampler: str
-  num_steps: int
-  eta: float
-  clip_denoised: bool = True
-
-  def dirname(self, step: int, seed: int) -> str:
-    """The output directory name, e.g. `samples_step800000_ddim_50steps_eta0_seed1`."""
-    eta = "" if self.sampler == "ancestral" else f"_eta{self.eta:g}"
-    clip = "" if self.clip_denoised else "_noclip"
-    return f"samples_step{step}_{self.sampler}_{self.num_steps}steps{eta}_seed{seed}{clip}"
 
 
 def sampler_spec(sample_config: ml_collections.ConfigDict, num_timesteps: int) -> SamplerSpec:
@@ -92,60 +70,6 @@ def sampler_spec(sample_config: ml_collections.ConfigDict, num_timesteps: int) -
   if s.eta < 0:
     raise ConfigError(f"config.sample.eta={s.eta} is not allowed: it must be >= 0.")
   return SamplerSpec("ddim", s.num_steps, float(s.eta), bool(s.clip_denoised))
-
-
-# -- The sharded sampler. ----------------------------------------------------------------------
-
-
-def make_chain_fn(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
-  """`chain(model_fn, shape, keys [B, 2]) -> x0 [B, H, W, C]` for the sampler of `spec`."""
-  if spec.sampler == "ancestral" and spec.num_steps == diffusion.num_timesteps:
-    return lambda model_fn, shape, keys: diffusion.p_sample_loop(
-        model_fn, shape, keys, spec.clip_denoised)
-  return lambda model_fn, shape, keys: diffusion.ddim_sample_loop(
-      model_fn, shape, keys, num_steps=spec.num_steps, eta=spec.eta,
-      clip_denoised=spec.clip_denoised)
-
-
-def make_sample_fn(
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    mesh: Mesh,
-    image_shape: tuple[int, int, int],
-    spec: SamplerSpec,
-    batch_size: int,
-) -> Callable[[Any, np.ndarray], np.ndarray]:
-  """Returns `sample(params, keys [n, 2]) -> images [n, H, W, C]` float32 in [-1, 1] (numpy).
-
-  n <= batch_size; the keys are padded to batch_size rounded up to the device count, so every
-  call runs the one compiled program. `params` must be replicated over `mesh`. Every process
-  calls it with the same keys and gets all n images.
-  """
-  chain = make_chain_fn(diffusion, spec)
-
-  def per_device(params, keys):
-    def model_fn(x, t):
-      return model.apply({"params": params}, x, t, train=False)
-
-    return chain(model_fn, (keys.shape[0], *image_shape), keys)
-
-  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(train_step_lib.AXIS)),
-                                 out_specs=P(train_step_lib.AXIS)))
-  devices = mesh.devices.size
-  padded = -(-batch_size // devices) * devices
-  sharding = NamedSharding(mesh, P(train_step_lib.AXIS))
-
-  def sample(params, keys):
-    keys = np.asarray(keys)
-    n = keys.shape[0]
-    if not 0 < n <= batch_size:
-      raise ValueError(f"Got {n} keys; this sampler takes 1 to {batch_size}.")
-    keys = np.concatenate([keys, np.repeat(keys[-1:], padded - n, axis=0)])
-    global_keys = jax.make_array_from_callback(keys.shape, sharding, lambda index: keys[index])
-    images = mapped(params, global_keys)
-    return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
-
-  return sample
 
 
 # -- Checkpoints. ------------------------------------------------------------------------------

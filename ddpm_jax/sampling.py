@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,6 +53,73 @@ def make_sampler(
     keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - n, axis=0)])
     keys = jax.device_put(keys, NamedSharding(mesh, P(AXIS)))
     images = mapped(params, keys)
-    return np.asarray(jax.experimental.multihost_utils.process_allgather(images, tiled=True))[:n]
+    return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
+
+  return sample
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """What the reverse chain does: `sampler` ('ancestral' | 'ddim'), steps, eta, clipping."""
+
+  sampler: str
+  num_steps: int
+  eta: float
+  clip_denoised: bool = True
+
+  def dirname(self, step: int, seed: int) -> str:
+    """The output directory name, e.g. `samples_step800000_ddim_50steps_eta0_seed1`."""
+    eta = "" if self.sampler == "ancestral" else f"_eta{self.eta:g}"
+    clip = "" if self.clip_denoised else "_noclip"
+    return f"samples_step{step}_{self.sampler}_{self.num_steps}steps{eta}_seed{seed}{clip}"
+
+
+def make_chain_fn(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
+  """`chain(model_fn, shape, keys [B, 2]) -> x0 [B, H, W, C]` for the sampler of `spec`."""
+  if spec.sampler == "ancestral" and spec.num_steps == diffusion.num_timesteps:
+    return lambda model_fn, shape, keys: diffusion.p_sample_loop(
+        model_fn, shape, keys, spec.clip_denoised)
+  return lambda model_fn, shape, keys: diffusion.ddim_sample_loop(
+      model_fn, shape, keys, num_steps=spec.num_steps, eta=spec.eta,
+      clip_denoised=spec.clip_denoised)
+
+
+def make_sample_fn(
+    diffusion: GaussianDiffusion,
+    model: nn.Module,
+    mesh: Mesh,
+    image_shape: tuple[int, int, int],
+    spec: SamplerSpec,
+    batch_size: int,
+) -> Callable[[Any, np.ndarray], np.ndarray]:
+  """Returns `sample(params, keys [n, 2]) -> images [n, H, W, C]` float32 in [-1, 1] (numpy).
+
+  n <= batch_size; the keys are padded to batch_size rounded up to the device count, so every
+  call runs the one compiled program. `params` must be replicated over `mesh`. Every process
+  calls it with the same keys and gets all n images.
+  """
+  chain = make_chain_fn(diffusion, spec)
+
+  def per_device(params, keys):
+    def model_fn(x, t):
+      return model.apply({"params": params}, x, t, train=False)
+
+    return chain(model_fn, (keys.shape[0], *image_shape), keys)
+
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
+                                 out_specs=P(AXIS)))
+  devices = mesh.devices.size
+  padded = -(-batch_size // devices) * devices
+  sharding = NamedSharding(mesh, P(AXIS))
+
+  def sample(params, keys):
+    keys = np.asarray(keys)
+    n = keys.shape[0]
+    if not 0 < n <= batch_size:
+      raise ValueError(f"Got {n} keys; this sampler takes 1 to {batch_size}.")
+    keys = np.concatenate([keys, np.repeat(keys[-1:], padded - n, axis=0)])
+    global_keys = jax.make_array_from_callback(keys.shape, sharding, lambda index: keys[index])
+    images = mapped(params, global_keys)
+    return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
 
   return sample

@@ -6,14 +6,12 @@ same arguments resumes. Only process 0 writes logs, images and the config.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -21,24 +19,14 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing, factories, image_grid, input_pipeline, sampling
-from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
 from ddpm_jax.config_validation import validate_config
 from ddpm_jax.preemption import PreemptionWatcher
+from ddpm_jax.train_program import TrainProgram
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; no checkpoint was written after it."""
-
-
-def init_train_state(config, model, optimizer, rng: jax.Array) -> train_state_lib.TrainState:
-  """A fresh state; the params are initialised from `rng` with a batch of one."""
-  params_rng, state_rng = jax.random.split(rng)
-  size, channels = config.data.image_size, config.data.num_channels
-  x = jnp.zeros((1, size, size, channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  params = model.init({"params": params_rng}, x, t, train=False)["params"]
-  return train_state_lib.create_train_state(params, optimizer, state_rng)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -47,36 +35,16 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-class TrainLoop:
-  """The pieces of one training run, built once from the config."""
+class TrainLoop(TrainProgram):
+  """The pieces of one training run, built once from the config: the program, its sampler and
+  its image output."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config = config
+    super().__init__(config)
     self.workdir = workdir
-    self.mesh = train_step_lib.make_mesh()
-    self.diffusion = factories.create_diffusion(config)
-    self.model = factories.create_model(config)
-    self.optimizer = train_state_lib.make_optimizer(config.optim)
-    self.lr_schedule = train_state_lib.learning_rate_schedule(
-        config.optim.lr, config.optim.warmup_steps)
-    self.init_fn = jax.jit(
-        functools.partial(init_train_state, config, self.model, self.optimizer,
-                          jax.random.PRNGKey(config.training.seed)),
-        out_shardings=train_step_lib.replicated(self.mesh))
-    self.step_fn = train_step_lib.make_train_step(
-        diffusion=self.diffusion, model=self.model, optimizer=self.optimizer,
-        lr_schedule=self.lr_schedule, ema_decay=config.optim.ema_decay,
-        global_batch_size=config.training.batch_size)
-    self._compiled_steps: dict[int, Any] = {}
     self.sampler = sampling.make_sampler(
         self.diffusion, self.model, self.mesh, factories.image_shape(config),
         clip_denoised=config.sample.clip_denoised)
-
-  def train_step(self, steps: int):
-    """The jitted step running `steps` optimizer steps per call (compiled once per value)."""
-    if steps not in self._compiled_steps:
-      self._compiled_steps[steps] = train_step_lib.shard_train_step(self.step_fn, self.mesh, steps)
-    return self._compiled_steps[steps]
 
   def sample_images(self, state, num_images: int) -> np.ndarray:
     """uint8 `[N, H, W, C]` EMA samples; sample i depends only on (sample.seed, i)."""

@@ -77,9 +77,9 @@ def test_seed_params_are_our_initial_params_and_load():
   state_dict = peer.build_model(config, params).state_dict()
   np.testing.assert_array_equal(state_dict["conv_in.weight"].numpy(),
                                 flat["conv_in/kernel"].transpose(3, 2, 0, 1))
-  from ddpm_jax import train, train_state
+  from ddpm_jax import train_program, train_state
 
-  state = jax.jit(lambda rng: train.init_train_state(
+  state = jax.jit(lambda rng: train_program.init_train_state(
     config, factories.create_model(config), train_state.make_optimizer(config.optim), rng))(
     jax.random.PRNGKey(config.training.seed))
   for path, value in traverse_util.flatten_dict(jax.device_get(state.params), sep="/").items():

@@ -97,7 +97,7 @@ def test_samples_do_not_depend_on_device_count_or_batch_size(trained):
   rng = jax.random.PRNGKey(cfg.sample.seed)
 
   def draw(mesh, batch_size, start, count):
-    fn = sample.make_sample_fn(loop.diffusion, loop.model, mesh, (8, 8, 1), spec, batch_size)
+    fn = sampling.make_sample_fn(loop.diffusion, loop.model, mesh, (8, 8, 1), spec, batch_size)
     on_mesh = jax.device_put(jax.device_get(params), train_step.replicated(mesh))
     return fn(on_mesh, sampling.sample_keys(rng, start, count))
 
@@ -116,7 +116,7 @@ def test_ddim_and_strided_ancestral_samplers(trained):
   assert os.path.basename(ddim) == "samples_step2_ddim_5steps_eta0_seed1"
   # Ancestral with fewer steps than T is DDIM with eta = 1 on the same 5 strided steps.
   strided_config = config(**{"sample.num_steps": 5, "sample.eta": 0.0})
-  assert sample.sampler_spec(strided_config.sample, 20) == sample.SamplerSpec(
+  assert sample.sampler_spec(strided_config.sample, 20) == sampling.SamplerSpec(
       "ancestral", 5, 1.0, True)
   strided = sample.run_sampling(strided_config, workdir)
   assert os.path.basename(strided) == "samples_step2_ancestral_5steps_seed1"

@@ -1,0 +1,67 @@
+"""Model FLOPs of a JAX function from its jaxpr: 2 x the multiply-adds of every convolution and
+dot product, inside any jit, shard_map, remat, custom_vjp or scan (times its length).
+
+Backend-independent (it never compiles), unlike XLA's cost analysis: XLA:GPU's count of a
+compiled program leaves out the cuDNN convolutions, and `Lowered.cost_analysis` is not
+implemented for PJRT plugins. Element-wise ops and reductions are not counted: this is the usual
+basis of model FLOP utilisation. Under shard_map the count is per device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.extend import core
+
+
+def _conv_flops(eqn: core.JaxprEqn) -> int:
+  """[N, ..., C_in] * [..., C_in / groups, C_out] -> out: each output element is a dot over the
+  kernel's spatial positions and its input features."""
+  rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
+  per_output = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
+  return 2 * math.prod(out.shape) * per_output
+
+
+def _dot_flops(eqn: core.JaxprEqn) -> int:
+  """out elements x contracted size."""
+  lhs = eqn.invars[0].aval
+  (contract, _), _ = eqn.params["dimension_numbers"]
+  contracted = math.prod(lhs.shape[d] for d in contract)
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
+
+
+def _sub_jaxprs(value: Any) -> list[core.Jaxpr]:
+  if isinstance(value, core.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, core.Jaxpr):
+    return [value]
+  if isinstance(value, tuple | list):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+def jaxpr_flops(jaxpr: core.Jaxpr) -> int:
+  """Convolution and dot FLOPs of `jaxpr`; a cond counts its costliest branch, a while loop
+  its body once."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    elif name == "dot_general":
+      total += _dot_flops(eqn)
+    elif name == "cond":
+      total += max(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params["branches"]))
+    else:
+      inner = sum(jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v))
+      total += inner * (eqn.params["length"] if name == "scan" else 1)
+  return total
+
+
+def model_flops(fn: Callable, *args: Any) -> int:
+  """Convolution and dot FLOPs of `fn(*args)` (arrays or ShapeDtypeStructs; nothing runs)."""
+  return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
