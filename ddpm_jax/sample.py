@@ -50,7 +50,6 @@ GRID_SIZE = 64
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-
 def sampler_spec(sample_config: ml_collections.ConfigDict, num_timesteps: int) -> SamplerSpec:
   """The `SamplerSpec` of `config.sample`; raises ConfigError for values that cannot run."""
   s = sample_config
