@@ -4,7 +4,8 @@ dot product, inside any jit, shard_map, remat, custom_vjp or scan (times its len
 Backend-independent (it never compiles), unlike XLA's cost analysis: XLA:GPU's count of a
 compiled program leaves out the cuDNN convolutions, and `Lowered.cost_analysis` is not
 implemented for PJRT plugins. Element-wise ops and reductions are not counted: this is the usual
-basis of model FLOP utilisation. Under shard_map the count is per device.
+basis of model FLOP utilisation. Under shard_map the count is per device. Dead equations (whose
+results nothing uses) are skipped, as XLA removes them; inner jaxprs count in full.
 """
 
 from __future__ import annotations
@@ -34,30 +35,29 @@ def _dot_flops(eqn: core.JaxprEqn) -> int:
   return 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
 
 
-def _sub_jaxprs(value: Any) -> list[core.Jaxpr]:
-  if isinstance(value, core.ClosedJaxpr):
-    return [value.jaxpr]
-  if isinstance(value, core.Jaxpr):
-    return [value]
-  if isinstance(value, tuple | list):
-    return [j for v in value for j in _sub_jaxprs(v)]
-  return []
+def _is_live(eqn: core.JaxprEqn, live: set[core.Var]) -> bool:
+  return bool(eqn.effects) or any(v in live for v in eqn.outvars if isinstance(v, core.Var))
 
 
 def jaxpr_flops(jaxpr: core.Jaxpr) -> int:
-  """Convolution and dot FLOPs of `jaxpr`; a cond counts its costliest branch, a while loop
-  its body once."""
+  """Convolution and dot FLOPs of the live equations of `jaxpr` (XLA removes the dead ones, such
+  as the primal a custom VJP's backward pass recomputes and drops); a cond counts its costliest
+  branch, a while loop its body once."""
+  live = {v for v in jaxpr.outvars if isinstance(v, core.Var)}
   total = 0
-  for eqn in jaxpr.eqns:
+  for eqn in reversed(jaxpr.eqns):
+    if not _is_live(eqn, live):
+      continue
+    live.update(v for v in eqn.invars if isinstance(v, core.Var))
     name = eqn.primitive.name
     if name == "conv_general_dilated":
       total += _conv_flops(eqn)
     elif name == "dot_general":
       total += _dot_flops(eqn)
     elif name == "cond":
-      total += max(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params["branches"]))
+      total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
     else:
-      inner = sum(jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v))
+      inner = sum(jaxpr_flops(j) for j in core.jaxprs_in_params(eqn.params))
       total += inner * (eqn.params["length"] if name == "scan" else 1)
   return total
 

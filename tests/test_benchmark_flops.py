@@ -42,3 +42,29 @@ def test_gradients_scan_remat_and_xla_agreement():
   xla = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().cost_analysis()
   xla = (xla[0] if isinstance(xla, list) else xla)["flops"]
   assert grads * (46 / 48) ** 2 == pytest.approx(xla, rel=0.02)
+
+
+def test_dead_equations_are_not_counted():
+  """A custom VJP whose backward pass re-runs the primal and drops it (as `jax.vjp` inside a bwd
+  does) costs what XLA runs: the dropped product is dead code."""
+
+  @jax.custom_vjp
+  def matmul(x, w):
+    return x @ w
+
+  def fwd(x, w):
+    return x @ w, (x, w)
+
+  def bwd(res, g):
+    x, w = res
+    _, vjp = jax.vjp(lambda x: x @ w, x)  # Recomputes x @ w, then drops it.
+    return vjp(g)[0], x.T @ g
+
+  matmul.defvjp(fwd, bwd)
+  x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+  one = 2 * 8 * 16 * 4
+  assert flops.model_flops(matmul, x, w) == one
+  # d/dw of sum(x @ w): the forward product feeds only the dropped loss value, and d/dx is
+  # computed by bwd but never used: one product remains.
+  assert flops.model_flops(jax.grad(lambda x, w: jnp.sum(matmul(x, w)), argnums=1), x, w) == one
+  assert flops.model_flops(jax.grad(lambda x, w: jnp.sum((x @ w) ** 2), argnums=1), x, w) == 2 * one
