@@ -51,6 +51,7 @@ class Workload:
   target: str = ""
   meets: Callable[[dict[str, Any]], bool] | None = None  # Record -> target met.
   timeout_s: int = 3600
+  per_image: bool = False  # Train steps reported as images/s (each side's settings.images_per_s).
 
 
 def _ratio_at_least(minimum: float) -> Callable[[dict[str, Any]], bool]:
@@ -89,13 +90,13 @@ def workloads(cache_dir: str) -> list[Workload]:
              [*cifar_train, "--steps=8"],
              [*cifar_train, "--steps=3", "--warmup=1", "--set=model.conv_impl=xla_matmul_grad"],
              [*cifar_train, "--steps=3", "--warmup=1"],
-             target=">= 1.0x peer", meets=_ratio_at_least(1.0)),
+             target=">= 1.0x peer", meets=_ratio_at_least(1.0), per_image=True),
     Workload("cifar10_train_conv_xla", "the same with conv_impl=xla (lax.conv, the default)",
              [*cifar_train, "--steps=8", "--set=model.conv_impl=xla"], [*cifar_train, "--steps=8"],
-             in_quick=False),
+             in_quick=False, per_image=True),
     Workload("cifar10_train_conv_shifted_matmul", "the same with conv_impl=shifted_matmul",
              [*cifar_train, "--steps=8", "--set=model.conv_impl=shifted_matmul"],
-             [*cifar_train, "--steps=8"], in_quick=False),
+             [*cifar_train, "--steps=8"], in_quick=False, per_image=True),
     Workload("cifar10_forward", "CIFAR-10 U-Net forward, eval mode, batch 64",
              ["forward", "--config=cifar10", "--batch=64", "--steps=5"],
              ["forward", "--config=cifar10", "--batch=64", "--steps=5"],
@@ -135,10 +136,11 @@ def accelerator_workloads() -> list[Workload]:
     Workload("matmul_peak_bf16", "bfloat16 matmul peak, [16384,8192]x[8192,8192]",
              ["matmul_peak", "--dtype=bfloat16", "--matmul_size=8192"]),
     Workload("cifar10_train_b128_bf16", "CIFAR-10 train step, bfloat16, batch 128",
-             ["train", "--config=cifar10", "--batch=128", "--steps=50", "--warmup=5", bf16]),
+             ["train", "--config=cifar10", "--batch=128", "--steps=50", "--warmup=5", bf16],
+             per_image=True),
     Workload("lsun256_train_b64_bf16", "256x256 train step, bfloat16, batch 64, remat",
              ["train", "--config=lsun_church", "--batch=64", "--steps=10", "--warmup=2", bf16,
-              "--set=model.remat=True"]),
+              "--set=model.remat=True"], per_image=True),
     Workload("cifar10_sample_50k_ddim100", "50,000 CIFAR-10 samples, DDIM 100 steps, bf16",
              [*sample, "--sampler=ddim", "--num_steps=100"]),
     Workload("cifar10_sample_50k_ancestral", "50,000 CIFAR-10 samples, 1000 ancestral steps, "
@@ -172,6 +174,9 @@ def run_workload(w: Workload, quick: bool, with_peer: bool,
   if w.peer is not None and with_peer:
     peer_args = (w.quick_peer or w.peer) if quick else w.peer
     theirs, peer_error = _run_json("benchmarks.peer", peer_args, timeout_s)
+  if w.per_image:
+    ours, theirs = (r and dict(r, value=r["settings"]["images_per_s"], unit="images/s")
+                    for r in (ours, theirs))
   unit = (ours or theirs or {}).get("unit")
   record = dict(
     workload=w.name, description=w.description,

@@ -1,5 +1,6 @@
 """The benchmark harness: our side's figures, the persistent compilation cache, the report."""
 
+import dataclasses
 import datetime
 import json
 import os
@@ -102,15 +103,20 @@ def _record(name, ours_value, peer_value, unit="steps/s"):
 
 
 def test_workload_record_ratio_and_target(monkeypatch):
-  results = {"benchmarks.ours": dict(value=6.0, unit="steps/s", settings={"a": 1}),
-             "benchmarks.peer": dict(value=4.0, unit="steps/s", settings={"b": 2})}
+  results = {"benchmarks.ours": dict(value=6.0, unit="steps/s", settings={"images_per_s": 48.0}),
+             "benchmarks.peer": dict(value=4.0, unit="steps/s", settings={"images_per_s": 24.0})}
   monkeypatch.setattr(run, "_run_json", lambda module, args, timeout: (results[module], None))
   w = run.Workload("x", "d", ["train"], ["train"], target=">= 2x peer",
                    meets=run._ratio_at_least(2.0))
   record = run.run_workload(w, quick=False, with_peer=True)
   assert record["ratio"] == pytest.approx(1.5) and record["meets_target"] is False
-  assert record["settings"] == {"ours": {"a": 1}, "peer": {"b": 2}}
+  assert record["settings"] == {"ours": {"images_per_s": 48.0}, "peer": {"images_per_s": 24.0}}
   assert run.run_workload(w, quick=False, with_peer=False)["peer"] is None
+
+  per_image = run.run_workload(dataclasses.replace(w, per_image=True), quick=False,
+                               with_peer=True)  # Each side's own images/s, from its settings.
+  assert per_image["unit"] == "images/s" and (per_image["ours"], per_image["peer"]) == (48.0, 24.0)
+  assert per_image["ratio"] == pytest.approx(2.0) and per_image["meets_target"] is True
 
   monkeypatch.setattr(run, "_run_json", lambda module, args, timeout: (None, "exit 1: boom"))
   failed = run.run_workload(w, quick=True, with_peer=True)
