@@ -24,40 +24,6 @@ def sample_keys(rng: jax.Array, start: int, count: int) -> jax.Array:
   return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(start, start + count))
 
 
-def make_sampler(
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    mesh: Mesh,
-    image_shape: tuple[int, int, int],
-    clip_denoised: bool = True,
-) -> Callable[[Any, jax.Array], np.ndarray]:
-  """Returns `sample(params, keys [N, 2]) -> images [N, H, W, C]` in [-1, 1] (float32 numpy).
-
-  The N chains are spread over the mesh; N need not divide the device count (keys are padded).
-  """
-
-  def per_device(params, keys):
-    def model_fn(x, t):
-      return model.apply({"params": params}, x, t, train=False)
-
-    shape = (keys.shape[0], *image_shape)
-    return diffusion.p_sample_loop(model_fn, shape, keys, clip_denoised)
-
-  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
-                                 out_specs=P(AXIS)))
-  devices = mesh.devices.size
-
-  def sample(params, keys):
-    n = keys.shape[0]
-    padded = -(-n // devices) * devices
-    keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - n, axis=0)])
-    keys = jax.device_put(keys, NamedSharding(mesh, P(AXIS)))
-    images = mapped(params, keys)
-    return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
-
-  return sample
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
   """What the reverse chain does: `sampler` ('ancestral' | 'ddim'), steps, eta, clipping."""
@@ -84,6 +50,48 @@ def make_chain_fn(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
       clip_denoised=spec.clip_denoised)
 
 
+def _sharded_chain(model: nn.Module, mesh: Mesh, image_shape: tuple[int, int, int],
+                   chain: Callable) -> Callable[[Any, jax.Array], np.ndarray]:
+  """`run(params, keys [N, 2] sharded over the mesh) -> images [N, H, W, C]` (numpy, gathered
+  on every process): each device runs `chain` on its share of the keys."""
+
+  def per_device(params, keys):
+    def model_fn(x, t):
+      return model.apply({"params": params}, x, t, train=False)
+
+    return chain(model_fn, (keys.shape[0], *image_shape), keys)
+
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
+                                 out_specs=P(AXIS)))
+  return lambda params, keys: np.asarray(
+      multihost_utils.process_allgather(mapped(params, keys), tiled=True))
+
+
+def make_sampler(
+    diffusion: GaussianDiffusion,
+    model: nn.Module,
+    mesh: Mesh,
+    image_shape: tuple[int, int, int],
+    clip_denoised: bool = True,
+) -> Callable[[Any, jax.Array], np.ndarray]:
+  """Returns `sample(params, keys [N, 2]) -> images [N, H, W, C]` in [-1, 1] (float32 numpy):
+  Algorithm 2 through all T steps.
+
+  The N chains are spread over the mesh; N need not divide the device count (keys are padded).
+  """
+  spec = SamplerSpec("ancestral", diffusion.num_timesteps, 1.0, clip_denoised)
+  run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec))
+  devices = mesh.devices.size
+
+  def sample(params, keys):
+    n = keys.shape[0]
+    padded = -(-n // devices) * devices
+    keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - n, axis=0)])
+    return run(params, jax.device_put(keys, NamedSharding(mesh, P(AXIS))))[:n]
+
+  return sample
+
+
 def make_sample_fn(
     diffusion: GaussianDiffusion,
     model: nn.Module,
@@ -98,16 +106,7 @@ def make_sample_fn(
   call runs the one compiled program. `params` must be replicated over `mesh`. Every process
   calls it with the same keys and gets all n images.
   """
-  chain = make_chain_fn(diffusion, spec)
-
-  def per_device(params, keys):
-    def model_fn(x, t):
-      return model.apply({"params": params}, x, t, train=False)
-
-    return chain(model_fn, (keys.shape[0], *image_shape), keys)
-
-  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
-                                 out_specs=P(AXIS)))
+  run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec))
   devices = mesh.devices.size
   padded = -(-batch_size // devices) * devices
   sharding = NamedSharding(mesh, P(AXIS))
@@ -119,7 +118,6 @@ def make_sample_fn(
       raise ValueError(f"Got {n} keys; this sampler takes 1 to {batch_size}.")
     keys = np.concatenate([keys, np.repeat(keys[-1:], padded - n, axis=0)])
     global_keys = jax.make_array_from_callback(keys.shape, sharding, lambda index: keys[index])
-    images = mapped(params, global_keys)
-    return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
+    return run(params, global_keys)[:n]
 
   return sample
