@@ -214,8 +214,8 @@ def derived_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     fraction = rate / peak["ours"]
     derived.append(dict(
       workload=f"{train_name}_peak_fraction",
-      description=f"{train_name}: model FLOPs/s (XLA's cost analysis of the step without "
-                  f"remat) over the measured {peak_name}",
+      description=f"{train_name}: model FLOPs/s (benchmarks.flops: the step's convolutions "
+                  f"and dots, without remat) over the measured {peak_name}",
       ours=fraction, peer=None, unit="fraction", ratio=None,
       target=None if target is None else f">= {target:.0%}",
       meets_target=None if target is None else fraction >= target,
