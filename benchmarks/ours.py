@@ -2,6 +2,7 @@
 
   python -m benchmarks.ours train --config=digits --batch=128 --steps=20
   python -m benchmarks.ours train --config=cifar10 --batch=16 --set=model.conv_impl=xla_matmul_grad
+  python -m benchmarks.ours train --config=cifar10 --batch=16 --xla_default_flags
   python -m benchmarks.ours sample --config=digits --num_images=1000 --timed_steps=20
   python -m benchmarks.ours compile --config=cifar10 --batch=16 --cache_dir=/tmp/jax_cache
   python -m benchmarks.ours memory_model --config=lsun_church --batch=16 --set=model.remat=True
@@ -29,7 +30,7 @@ import numpy as np
 
 from benchmarks import flops
 from benchmarks.common import load_config, print_result
-from ddpm_jax import compilation_cache, factories, sampling, train_step
+from ddpm_jax import compilation_cache, factories, sampling, train_step, xla_flags
 from ddpm_jax.train_program import TrainProgram
 
 Result = dict[str, Any]
@@ -50,7 +51,7 @@ def _settings(config: ml_collections.ConfigDict, **extra) -> dict[str, Any]:
   m = config.model
   return dict(
     **extra, device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-    jax=jax.__version__,
+    jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
     python=platform.python_version(), precision=m.dtype, conv_impl=m.conv_impl, remat=m.remat,
     image_shape=list(factories.image_shape(config)),
     model=dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
@@ -358,11 +359,15 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--cache_dir", default="", help="compile: persistent cache directory.")
   p.add_argument("--dtype", default="float32", help="matmul_peak: float32 | bfloat16.")
   p.add_argument("--matmul_size", type=int, default=2048, help="matmul_peak: n of [2n,n]x[n,n].")
+  p.add_argument("--xla_default_flags", action="store_true",
+                 help="Leave XLA_FLAGS as it is (without ddpm_jax.xla_flags' CPU settings).")
   return p
 
 
 def main(argv: list[str] | None = None) -> None:
   args = _parser().parse_args(argv)
+  if not args.xla_default_flags:
+    xla_flags.apply()  # The product's XLA:CPU settings, as `ddpm_jax.main` runs with.
   print_result(lambda: run_workload(args))
 
 

@@ -13,7 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import compilation_cache
+from ddpm_jax import compilation_cache, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.",
@@ -40,6 +40,7 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def main(argv):
+  xla_flags.apply()  # Before JAX starts its backends, which read XLA_FLAGS once.
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

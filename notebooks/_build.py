@@ -122,9 +122,10 @@ def quickstart() -> list:
     from PIL import Image
 
     from configs import digits
-    from ddpm_jax import factories, figures, image_grid, sampling, train, train_step
+    from ddpm_jax import factories, figures, image_grid, sampling, train, train_step, xla_flags
     from ddpm_jax.datasets.digits import load_digits_uint8
 
+    xla_flags.apply()  # XLA:CPU's faster convolutions, as `ddpm_jax.main`: before JAX starts.
     print(f"JAX {jax.__version__}: {jax.device_count()} {jax.devices()[0].platform} device(s)")
     """, SHOW),
     md("data_md", """

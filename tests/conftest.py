@@ -1,10 +1,15 @@
-"""Test setup: 4 simulated CPU devices, quiet TensorFlow, and tiny configs."""
+"""Test setup: 4 simulated CPU devices, the product's XLA:CPU flags, quiet TensorFlow, and tiny
+configs."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ddpm_jax import xla_flags  # noqa: E402
+
+xla_flags.apply()  # The XLA:CPU settings `ddpm_jax.main` runs with.
 
 import pytest  # noqa: E402
 

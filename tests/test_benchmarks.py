@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_digits_config
 
 from benchmarks import flops, ours, peer, run
-from ddpm_jax import compilation_cache, factories
+from ddpm_jax import compilation_cache, factories, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +76,7 @@ def test_compile_is_cached_across_processes(tmp_path):
   assert cold["cache_entries_before"] == 0 and cold["cache_entries_after"] > 0
   assert warm["cache_entries_before"] == cold["cache_entries_after"]
   assert warm["cache_entries_after"] == warm["cache_entries_before"]
+  assert cold["xla_flags"] == xla_flags.with_cpu_flags("")  # As `ddpm_jax.main` runs.
 
 
 def test_enable_compilation_cache(tmp_path):
