@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from ddpm_jax.models import convolution
 from ddpm_jax.models.convolution import varying_like
+from ddpm_jax.models.dropout import Dropout
 
 Dtype = Any
 
@@ -214,7 +215,7 @@ class ResBlock(nn.Module):
     h = conv3x3(out_ch, "conv1", self.dtype, self.param_dtype, conv_impl=self.conv_impl)(h)
     h = h + dense(out_ch, "temb_proj", self.dtype, self.param_dtype)(swish(temb))[:, None, None, :]
     h = swish(group_norm("norm2", self.param_dtype)(h))
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = Dropout(self.dropout, deterministic=not train)(h)
     h = conv3x3(out_ch, "conv2", self.dtype, self.param_dtype, init_scale=0.0,
                 conv_impl=self.conv_impl)(h)
     if in_ch != out_ch:
