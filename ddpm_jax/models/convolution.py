@@ -5,13 +5,13 @@ and give the same result (up to float summation order). They differ only in the 
   "xla"              lax.conv_general_dilated and its autodiff transposes. The default, and the
                      form for TPU and GPU. On CPU it is the fastest too, with the XLA flags that
                      `ddpm_jax.xla_flags` sets: Eigen convolution thunks instead of YNNPACK
-                     ones. CIFAR-10 train step on 2 cores: 0.26 -> 0.34 steps/s.
+                     ones. CIFAR-10 train step on 2 cores: 1.4-1.5x.
   "xla_matmul_grad"  the same forward and input gradient, but for inputs of at least 32x32 the
                      kernel gradient as nine matmuls, one per tap: dW[i, j] = shift_ij(x)^T g.
                      Under XLA:CPU's default YNNPACK convolutions (without `ddpm_jax.xla_flags`)
                      the kernel gradient is a slow convolution with an H x W window, and this
                      form made the CIFAR-10 step 1.14x faster. With the flags it is slower than
-                     "xla" (0.29 vs 0.34 steps/s).
+                     "xla": 0.78-0.93x in two full benchmark runs.
   "shifted_matmul"   the whole convolution as one matmul over the nine shifted views of x
                      (im2col), accumulated in float32 (`preferred_element_type`): on CPUs with
                      bfloat16 matrix units (AMX) this is what reaches them.

@@ -3,8 +3,8 @@
 On CPU, jax.random's threefry2x32 lowers to a rolled loop of five iterations, which keeps
 compile times down. XLA cannot fuse across the loop, so each dropout mask takes about ten
 passes over uint32 arrays the size of the activations. The same 20 rounds written out here fuse
-into the mask's one element-wise pass. The bits are exactly `jax.random.threefry_2x32`'s (a test
-checks it); keep = bits >= rate * 2^32.
+into the mask's one element-wise pass. The bits are exactly `jax.extend.random.threefry_2x32`'s
+(a test checks it); keep = bits >= rate * 2^32.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def threefry_2x32(key: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Arr
 
 def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """uint32 bits of `shape` under key uint32 [2]: threefry_2x32 of the counters 0 .. n-1 (as
-  jax.random.threefry_2x32 of an arange)."""
+  jax.extend.random.threefry_2x32 of an arange)."""
   n = math.prod(shape)
   half = (n + 1) // 2
   x0 = jax.lax.iota(jnp.uint32, half)
