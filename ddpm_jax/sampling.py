@@ -67,6 +67,15 @@ def _sharded_chain(model: nn.Module, mesh: Mesh, image_shape: tuple[int, int, in
       multihost_utils.process_allgather(mapped(params, keys), tiled=True))
 
 
+def _global_keys(keys: Any, size: int, mesh: Mesh) -> jax.Array:
+  """keys [n, 2] padded to [size, 2] with copies of the last and sharded over the mesh (every
+  process passes the same keys)."""
+  keys = np.asarray(keys)
+  keys = np.concatenate([keys, np.repeat(keys[-1:], size - keys.shape[0], axis=0)])
+  return jax.make_array_from_callback(keys.shape, NamedSharding(mesh, P(AXIS)),
+                                      lambda index: keys[index])
+
+
 def make_sampler(
     diffusion: GaussianDiffusion,
     model: nn.Module,
@@ -85,9 +94,7 @@ def make_sampler(
 
   def sample(params, keys):
     n = keys.shape[0]
-    padded = -(-n // devices) * devices
-    keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - n, axis=0)])
-    return run(params, jax.device_put(keys, NamedSharding(mesh, P(AXIS))))[:n]
+    return run(params, _global_keys(keys, -(-n // devices) * devices, mesh))[:n]
 
   return sample
 
@@ -109,15 +116,11 @@ def make_sample_fn(
   run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec))
   devices = mesh.devices.size
   padded = -(-batch_size // devices) * devices
-  sharding = NamedSharding(mesh, P(AXIS))
 
   def sample(params, keys):
-    keys = np.asarray(keys)
     n = keys.shape[0]
     if not 0 < n <= batch_size:
       raise ValueError(f"Got {n} keys; this sampler takes 1 to {batch_size}.")
-    keys = np.concatenate([keys, np.repeat(keys[-1:], padded - n, axis=0)])
-    global_keys = jax.make_array_from_callback(keys.shape, sharding, lambda index: keys[index])
-    return run(params, global_keys)[:n]
+    return run(params, _global_keys(keys, padded, mesh))[:n]
 
   return sample
