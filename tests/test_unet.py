@@ -11,7 +11,7 @@ from flax import traverse_util
 from jax._src.ad_checkpoint import saved_residuals  # No public API returns them.
 
 from ddpm_jax.models import UNet, get_timestep_embedding
-from ddpm_jax.models.layers import AttnBlock, Downsample, GroupNorm
+from ddpm_jax.models.layers import AttnBlock, Dense, Downsample, GroupNorm
 
 LSUN_MULT = (1, 1, 2, 2, 4, 4)
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
@@ -294,6 +294,34 @@ def test_group_norm_gradient_equals_autodiff_of_flax_group_norm(channels):
   theirs = jax.grad(loss, (0, 1))(params, x, reference)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), ours, theirs)
   assert float(jnp.max(jnp.abs(ours[1]))) > 0.1
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 4, 4, 8)])
+def test_dense_equals_flax_dense_and_its_gradient_dots_are_2d(shape):
+  """Dense has nn.Dense's parameters, outputs and gradients; its dots contract one axis of 2-D
+  operands (nn.Dense's kernel gradient contracts B, H, W at once, which XLA:CPU lays out as a
+  transposed copy of the activations)."""
+  x = jax.random.normal(jax.random.key(12), shape)
+  ours, reference = Dense(5, init_scale=1.0), nn.Dense(5)
+  params = _perturb(ours.init(jax.random.key(13), x)["params"], std=0.2)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+    jnp.shape, reference.init(jax.random.key(13), x)["params"])
+  weights = jax.random.normal(jax.random.key(14), (*shape[:-1], 5))
+
+  def loss(params, x, module):
+    return jnp.sum(jnp.sin(module.apply({"params": params}, x)) * weights)
+
+  np.testing.assert_allclose(ours.apply({"params": params}, x),
+                             reference.apply({"params": params}, x), atol=1e-6)
+  grads = jax.grad(loss, (0, 1))(params, x, ours)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               grads, jax.grad(loss, (0, 1))(params, x, reference))
+  jaxpr = jax.make_jaxpr(lambda p, x: jax.grad(loss, (0, 1))(p, x, ours))(params, x)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3  # Forward, input gradient, kernel gradient.
+  for e in dots:
+    (lhs_contract, rhs_contract), _ = e.params["dimension_numbers"]
+    assert [v.aval.ndim for v in e.invars] == [2, 2] and len(lhs_contract) == len(rhs_contract) == 1
 
 
 def test_attention_block_matches_numpy():

@@ -171,13 +171,36 @@ def conv3x3(
                  **kw)
 
 
+class Dense(nn.Module):
+  """Dense over the last axis, x [..., in] -> [..., features]: nn.Dense's parameters (kernel
+  [in, features], bias) and maths, with the dot on x flattened to [N, in].
+
+  The flattening is for the backward pass: nn.Dense's kernel gradient contracts B, H and W of
+  two [B, H, W, C] arrays, which XLA:CPU feeds from a copy of one of them transposed to [C, BHW]
+  inside the fusion that produces it, at well under 1 GB/s. As a 2-D dot it needs no copy: the
+  CIFAR-10 train step ran 5-7% faster on 2 cores (three interleaved pairs of runs).
+  """
+
+  features: int
+  init_scale: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", default_init(self.init_scale), (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", jax.nn.initializers.zeros, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel) + bias
+    return y.reshape(*x.shape[:-1], self.features)
+
+
 def dense(
   features: int, name: str, dtype: Dtype, param_dtype: Dtype, init_scale: float = 1.0
-) -> nn.Dense:
+) -> Dense:
   """Dense over the last axis, kernel [in, out]; also the original's 1x1 `nin` layers."""
-  return nn.Dense(
-    features, dtype=dtype, param_dtype=param_dtype, kernel_init=default_init(init_scale),
-    bias_init=jax.nn.initializers.zeros, name=name)
+  return Dense(features, init_scale, dtype, param_dtype, name=name)
 
 
 class TimestepEmbed(nn.Module):
