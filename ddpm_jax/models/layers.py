@@ -171,14 +171,41 @@ def conv3x3(
                  **kw)
 
 
+@jax.custom_vjp
+def dense_fn(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., in] @ kernel [in, out] -> [..., out], every dot on 2-D operands.
+
+  nn.Dense's kernel gradient contracts B, H and W of two [B, H, W, C] arrays at once, and
+  XLA:CPU feeds it a copy of one of them transposed to [C, BHW], written by the fusion that
+  produces it at well under 1 GB/s. Here both gradients are dots of the flattened [N, C] arrays,
+  which need no copy; the backward pass keeps x and the kernel, as autodiff of nn.Dense does.
+  """
+  return _dense_2d(x, kernel)
+
+
+def _dense_2d(x, kernel):
+  return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _dense_fwd(x, kernel):
+  return _dense_2d(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, g):
+  x, kernel = residuals
+  g2 = g.reshape(-1, g.shape[-1])  # [N, out]
+  d_x = jnp.dot(g2, kernel.T).reshape(x.shape)
+  d_kernel = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g2, (((0,), (0,)), ((), ())))
+  return d_x, d_kernel.astype(kernel.dtype)
+
+
+dense_fn.defvjp(_dense_fwd, _dense_bwd)
+
+
 class Dense(nn.Module):
   """Dense over the last axis, x [..., in] -> [..., features]: nn.Dense's parameters (kernel
-  [in, features], bias) and maths, with the dot on x flattened to [N, in].
-
-  The flattening is for the backward pass: nn.Dense's kernel gradient contracts B, H and W of
-  two [B, H, W, C] arrays, which XLA:CPU feeds from a copy of one of them transposed to [C, BHW]
-  inside the fusion that produces it, at well under 1 GB/s. As a 2-D dot it needs no copy: the
-  CIFAR-10 train step ran 5-7% faster on 2 cores (three interleaved pairs of runs).
+  [in, features], bias) and maths, computed by `dense_fn`. On 2 CPU cores the CIFAR-10 train
+  step ran 5-7% faster than with nn.Dense (three interleaved pairs of runs); digits unchanged.
   """
 
   features: int
@@ -192,8 +219,7 @@ class Dense(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", jax.nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel) + bias
-    return y.reshape(*x.shape[:-1], self.features)
+    return dense_fn(x, varying_like(kernel, x)) + bias
 
 
 def dense(
