@@ -205,7 +205,7 @@ dense_fn.defvjp(_dense_fwd, _dense_bwd)
 class Dense(nn.Module):
   """Dense over the last axis, x [..., in] -> [..., features]: nn.Dense's parameters (kernel
   [in, features], bias) and maths, computed by `dense_fn`. On 2 CPU cores the CIFAR-10 train
-  step ran 5-7% faster than with nn.Dense (three interleaved pairs of runs); digits unchanged.
+  step ran 3-7% faster than with nn.Dense (six interleaved pairs of runs); digits unchanged.
   """
 
   features: int
