@@ -322,6 +322,10 @@ def test_dense_equals_flax_dense_and_its_gradient_dots_are_2d(shape):
   for e in dots:
     (lhs_contract, rhs_contract), _ = e.params["dimension_numbers"]
     assert [v.aval.ndim for v in e.invars] == [2, 2] and len(lhs_contract) == len(rhs_contract) == 1
+  # The backward pass keeps x itself (as nn.Dense does), not a flattened copy of it.
+  saved = saved_residuals(lambda p, x: ours.apply({"params": p}, x), params, x)
+  assert sorted((aval.shape, why) for aval, why in saved) == sorted(
+    [(shape, "from the argument x"), ((8, 5), "from the argument p['kernel']")])
 
 
 def test_attention_block_matches_numpy():
