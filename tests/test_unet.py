@@ -231,12 +231,12 @@ def test_remat_same_params_and_outputs_less_saved_memory():
     lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), remat_grads, grads)
 
   # What the forward pass keeps for the backward pass: with remat only the inputs of the
-  # rematerialised parts (a block's input, not its eight-odd intermediates).
+  # rematerialised parts (a block's input, not its intermediates: 40% of them at this size).
   def saved_bytes(m):
     residuals = saved_residuals(lambda p: loss(p, m), params)
     return sum(a.size * a.dtype.itemsize for a, why in residuals if "argument" not in why)
 
-  assert saved_bytes(remat_model) < 0.25 * saved_bytes(model)
+  assert saved_bytes(remat_model) < 0.5 * saved_bytes(model)
 
 
 # 8. bfloat16 compute
@@ -294,6 +294,34 @@ def test_group_norm_gradient_equals_autodiff_of_flax_group_norm(channels):
   theirs = jax.grad(loss, (0, 1))(params, x, reference)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), ours, theirs)
   assert float(jnp.max(jnp.abs(ours[1]))) > 0.1
+
+
+def test_group_norm_swish_equals_swish_of_group_norm_and_keeps_only_x_and_statistics():
+  """GroupNorm(with_swish=True) is swish(GroupNorm) in value and gradient; its backward pass
+  keeps x and the [B, 1, 1, C] statistics, not the normalised activations swish would keep."""
+  x = jax.random.normal(jax.random.key(8), (2, 4, 4, 64)) * 2 + 0.5
+  params = {"scale": 1 + 0.5 * jax.random.normal(jax.random.key(9), (64,)),
+            "bias": jax.random.normal(jax.random.key(10), (64,))}
+  fused = GroupNorm(with_swish=True)
+  weights = jax.random.normal(jax.random.key(11), x.shape)
+
+  def reference(variables, x):
+    return jax.nn.swish(GroupNorm().apply(variables, x))
+
+  def loss(params, x, apply):
+    return jnp.sum(jnp.sin(apply({"params": params}, x)) * weights)
+
+  np.testing.assert_allclose(fused.apply({"params": params}, x),
+                             reference({"params": params}, x), atol=1e-6)
+  ours = jax.grad(loss, (0, 1))(params, x, fused.apply)
+  theirs = jax.grad(loss, (0, 1))(params, x, reference)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), ours, theirs)
+  assert float(jnp.max(jnp.abs(ours[0]["bias"]))) > 0.1
+  saved = saved_residuals(lambda p, x: fused.apply({"params": p}, x), params, x)
+  assert sorted(aval.shape for aval, _ in saved if aval.size > 64) == [
+    (2, 1, 1, 64), (2, 1, 1, 64), (2, 4, 4, 64)]
+  saved_by_reference = saved_residuals(lambda p, x: reference({"params": p}, x), params, x)
+  assert sum(aval.size for aval, _ in saved_by_reference) > sum(aval.size for aval, _ in saved)
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (2, 4, 4, 8)])

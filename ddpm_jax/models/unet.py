@@ -39,7 +39,6 @@ from ddpm_jax.models.layers import (
   Upsample,
   conv3x3,
   group_norm,
-  swish,
 )
 
 Dtype = Any
@@ -68,7 +67,7 @@ def _output_head(
   mdl: nn.Module, h: jax.Array, out_ch: int, conv_impl: str, dtype: Dtype, param_dtype: Dtype
 ) -> jax.Array:
   """norm_out -> swish -> conv_out, as children `norm_out` and `conv_out` of `mdl`."""
-  h = swish(group_norm("norm_out", param_dtype, parent=mdl)(h))
+  h = group_norm("norm_out", param_dtype, parent=mdl, with_swish=True)(h)
   return conv3x3(out_ch, "conv_out", dtype, param_dtype, init_scale=0.0, conv_impl=conv_impl,
                  parent=mdl)(h)
 
