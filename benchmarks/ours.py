@@ -58,6 +58,11 @@ def _settings(config: ml_collections.ConfigDict, **extra) -> dict[str, Any]:
                attn_resolutions=list(m.attn_resolutions), dropout=m.dropout))
 
 
+def _inference_options() -> dict[str, str]:
+  """The compiler options of the product's forward-only programs (samplers), on this backend."""
+  return xla_flags.inference_compiler_options(jax.devices()[0].platform)
+
+
 def _block(tree: Any) -> None:
   jax.block_until_ready(tree)
 
@@ -152,7 +157,8 @@ def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: i
   x = jax.random.uniform(jax.random.PRNGKey(0), shape, jnp.float32, -1, 1)
   t = jnp.arange(batch, dtype=jnp.int32) % config.diffusion.num_timesteps
   params = jax.jit(model.init)(jax.random.PRNGKey(config.training.seed), x[:1], t[:1])["params"]
-  forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+  forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t),
+                    compiler_options=_inference_options())
   for _ in range(max(warmup, 1)):
     _block(forward(params, x, t))
   start = time.perf_counter()
@@ -161,7 +167,8 @@ def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: i
   _block(out)
   seconds = (time.perf_counter() - start) / iters
   return dict(value=batch / seconds, unit="images/s",
-              settings=_settings(config, batch=batch, iters=iters, warmup=warmup))
+              settings=_settings(config, batch=batch, iters=iters, warmup=warmup,
+                                 compiler_options=_inference_options()))
 
 
 def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, sampler: str,
@@ -190,7 +197,7 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, samp
       def model_fn(x, t):
         return model.apply({"params": params}, x, t)
       return diffusion.p_sample_loop_from(model_fn, x, timed_steps - 1, rng)
-    run = jax.jit(chain)
+    run = jax.jit(chain, compiler_options=_inference_options())
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     compile_start = time.perf_counter()
     _block(run(params, x, keys[:batch]))  # Compiles; the loop length is static.
@@ -219,7 +226,7 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, samp
   return dict(value=timed / seconds, unit="images/s", settings=_settings(
     config, num_images=num_images, num_images_timed=timed, batch=batch, sampler=sampler,
     num_steps=num_steps, eta=spec.eta, extrapolated_from_steps=extrapolated,
-    chain_seconds=seconds, first_call_s=compile_s))
+    chain_seconds=seconds, first_call_s=compile_s, compiler_options=_inference_options()))
 
 
 def compile_seconds(config: ml_collections.ConfigDict, batch: int, cache_dir: str) -> Result:

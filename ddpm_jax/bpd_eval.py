@@ -46,11 +46,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import file_io, input_pipeline, rate_distortion, run_checkpoints, train
+from ddpm_jax import file_io, input_pipeline, rate_distortion, run_checkpoints, train, xla_flags
 from ddpm_jax.config_validation import ConfigError, validate_config
 from ddpm_jax.diffusion import GaussianDiffusion
 from ddpm_jax.run_checkpoints import NoCheckpointError  # noqa: F401 (one error in every mode)
-from ddpm_jax.train_step import AXIS
+from ddpm_jax.train_step import AXIS, platform
 
 SEED = 0  # Example i draws its noise from fold_in(PRNGKey(SEED), i).
 PER_IMAGE_FIELDS = ("total_bpd", "prior_bpd", "terms_bpd", "mse")
@@ -91,7 +91,8 @@ def make_bpd_fn(
     return dict(out, index=index, mask=mask)
 
   mapped = jax.jit(jax.shard_map(
-      per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P(AXIS)))
+      per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P(AXIS)),
+      compiler_options=xla_flags.inference_compiler_options(platform(mesh)))
   sharding = NamedSharding(mesh, P(AXIS))
 
   def bpd(params, images, index, mask):

@@ -14,8 +14,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ddpm_jax import xla_flags
 from ddpm_jax.diffusion import GaussianDiffusion
-from ddpm_jax.train_step import AXIS
+from ddpm_jax.train_step import AXIS, platform
 
 
 def sample_keys(rng: jax.Array, start: int, count: int) -> jax.Array:
@@ -62,7 +63,8 @@ def _sharded_chain(model: nn.Module, mesh: Mesh, image_shape: tuple[int, int, in
     return chain(model_fn, (keys.shape[0], *image_shape), keys)
 
   mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
-                                 out_specs=P(AXIS)))
+                                 out_specs=P(AXIS)),
+                   compiler_options=xla_flags.inference_compiler_options(platform(mesh)))
   return lambda params, keys: np.asarray(
       multihost_utils.process_allgather(mapped(params, keys), tiled=True))
 

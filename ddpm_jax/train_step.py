@@ -38,6 +38,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices: 'cpu', 'gpu' or 'tpu'."""
+  return mesh.devices.flat[0].platform
+
+
 def example_keys(rng: jax.Array, batch: int) -> jax.Array:
   """One key per example `[B_local]`, from the example's index in the global batch, so that the
   draws do not depend on how the batch is laid out over devices and processes."""

@@ -4,7 +4,13 @@ import os
 import subprocess
 import sys
 
-from ddpm_jax import xla_flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_digits_config
+
+from ddpm_jax import bpd_eval, factories, sampling, train_step, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
@@ -64,3 +70,61 @@ def test_convolutions_leave_ynnpack_only_with_the_flags():
   ynn_applied, convolutions = _kernels("apply")
   assert ynn_default >= 3
   assert ynn_applied == 0 and convolutions == 3
+
+
+YNN = xla_flags.YNN_FUSION_TYPE
+
+
+def test_inference_options_on_cpu_under_our_setting_only():
+  inference = {YNN: xla_flags.INFERENCE_YNN_FUSION_TYPES}
+  for flags in (OURS, "", "--xla_force_host_platform_device_count=4"):
+    assert xla_flags.inference_compiler_options("cpu", flags) == inference
+  assert xla_flags.inference_compiler_options("gpu", OURS) == {}
+  assert xla_flags.inference_compiler_options("tpu", "") == {}
+  for mine in (f"--{YNN}=+individual_convolution", f"--{YNN}=", f"--{YNN}"):
+    assert xla_flags.inference_compiler_options("cpu", mine) == {}  # The user's choice holds.
+
+
+def test_inference_options_keep_reductions_out_of_ynnpack():
+  # A convolution followed by per-channel means (GroupNorm's statistics): under the train step's
+  # flags the reduction is a YNNPACK fusion, with the inference options an XLA loop.
+  def forward(x, k):
+    h = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return h - jnp.mean(h, axis=(1, 2), keepdims=True)
+
+  def ynn_fusions(options):
+    text = jax.jit(forward, compiler_options=options).lower(
+      jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
+    return sum(" = " in line and "ynn_fusion" in line.split(" = ")[0] for line in text.splitlines())
+
+  assert ynn_fusions(None) >= 1
+  assert ynn_fusions(xla_flags.inference_compiler_options("cpu")) == 0
+
+
+def test_samplers_and_likelihood_compile_with_the_inference_options(monkeypatch):
+  """make_sampler and make_bpd_fn pass inference_compiler_options(their devices' platform) to
+  the compiler: an invalid option put there fails their compilation."""
+  config = tiny_digits_config(**{"model.ch_mult": (1,), "model.attn_resolutions": ()})
+  diffusion, model = factories.create_diffusion(config), factories.create_model(config)
+  mesh = train_step.make_mesh()
+  params = jax.device_put(
+    jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)),
+    train_step.replicated(mesh))["params"]
+  keys = sampling.sample_keys(jax.random.PRNGKey(0), 0, 4)
+  platforms = []
+
+  def invalid(platform, xla_flags=None):
+    platforms.append(platform)
+    return {YNN: "NOT_A_FUSION_TYPE"}
+
+  assert sampling.make_sampler(diffusion, model, mesh, (8, 8, 1))(params, keys).shape == (
+    4, 8, 8, 1)
+  monkeypatch.setattr(xla_flags, "inference_compiler_options", invalid)
+  sample = sampling.make_sampler(diffusion, model, mesh, (8, 8, 1))
+  bpd = bpd_eval.make_bpd_fn(diffusion, model, mesh, jax.random.PRNGKey(0))
+  with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
+    sample(params, keys)
+  with pytest.raises(Exception, match="NOT_A_FUSION_TYPE"):
+    bpd(params, np.zeros((4, 8, 8, 1), np.float32), np.arange(4), np.ones(4, bool))
+  assert platforms == ["cpu", "cpu"]
