@@ -60,8 +60,8 @@ def inference_compiler_options(platform: str, xla_flags: str | None = None) -> d
   if platform != "cpu":
     return {}
   flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-  if _flag_values(flags).get(YNN_FUSION_TYPE, CPU_FLAGS[YNN_FUSION_TYPE]) != CPU_FLAGS[
-      YNN_FUSION_TYPE]:
+  ours = CPU_FLAGS[YNN_FUSION_TYPE]
+  if _flag_values(flags).get(YNN_FUSION_TYPE, ours) != ours:
     return {}
   return {YNN_FUSION_TYPE: INFERENCE_YNN_FUSION_TYPES}
 
