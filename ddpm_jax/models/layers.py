@@ -84,13 +84,17 @@ def group_norm_fn(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: i
   its normalised copy too) and is the closed form
   dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), dxhat = g scale.
   """
-  mean, rstd = _group_stats(x, num_groups, epsilon)
+  return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
+
+
+def _normalise(x, scale, bias, mean, rstd):
+  """(x - mean) rstd scale + bias: the normalised x, z."""
   return (x - mean) * rstd * scale + bias
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
   mean, rstd = _group_stats(x, num_groups, epsilon)
-  return (x - mean) * rstd * scale + bias, (x, scale, mean, rstd)
+  return _normalise(x, scale, bias, mean, rstd), (x, scale, mean, rstd)
 
 
 def _group_norm_bwd(num_groups, epsilon, residuals, g):
@@ -121,13 +125,13 @@ def group_norm_swish_fn(x: jax.Array, scale: jax.Array, bias: jax.Array, num_gro
 
 
 def _group_norm_swish_fwd(x, scale, bias, num_groups, epsilon):
-  mean, rstd = _group_stats(x, num_groups, epsilon)
-  return swish((x - mean) * rstd * scale + bias), (x, scale, bias, mean, rstd)
+  z, (x, scale, mean, rstd) = _group_norm_fwd(x, scale, bias, num_groups, epsilon)
+  return swish(z), (x, scale, bias, mean, rstd)
 
 
 def _group_norm_swish_bwd(num_groups, epsilon, residuals, g):
   x, scale, bias, mean, rstd = residuals
-  z = (x - mean) * rstd * scale + bias
+  z = _normalise(x, scale, bias, mean, rstd)
   sigmoid = jax.nn.sigmoid(z)
   dz = g * sigmoid * (1 + z * (1 - sigmoid))
   return _group_norm_bwd(num_groups, epsilon, (x, scale, mean, rstd), dz)
