@@ -17,6 +17,9 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",
     "scikit-learn==1.9.1",  # Ships the embedded 8x8 digits data set.
     "pillow==13.0.0",
+    # Reads diffusers' .safetensors weights: it validates the format (header, offsets, overlaps)
+    # itself, and needs no torch (a small Rust wheel).
+    "safetensors==0.8.0",
 ]
 
 EXTRAS_REQUIRE = {

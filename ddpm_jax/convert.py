@@ -10,7 +10,12 @@
 The result is `<workdir>/checkpoints/<step>`, a full `TrainState` whose `params` and `ema_params`
 are both the imported weights (fresh optimizer state), so `--mode=sample|eval|figures` use it as
 is and `--mode=train` fine-tunes from it. The step is the TF checkpoint's (model.ckpt-790000 ->
-790000), else 0, or `--step`; an existing checkpoint of that step is never overwritten.
+790000), else 0, or `--step` (>= 0); an existing checkpoint of that step is never overwritten.
+
+Weight files come from the internet: a .safetensors file is read by the `safetensors` package
+(which validates its header, offsets and overlaps), a .bin file by `torch_pickle` (no pickle
+runs code); names, shapes and dtypes are checked against the config's U-Net before any tensor is
+read, and only its tensors are read. A malformed file ends in one ConversionError naming it.
 
 Names (spec section 6; `ddpm_jax.models.unet` has the table). TF: our path `a/b/kernel` is
 `model/a/b/W` (bias `b`; GroupNorm scale/bias are `gamma`/`beta`); layouts are the same (conv
@@ -36,21 +41,24 @@ with `downsample_padding=0`, and its `Timesteps(flip_sin_to_cos=False, freq_shif
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pkgutil
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes  # safetensors' numpy path returns BF16 only once ml_dtypes is imported.
 import numpy as np
+import safetensors
 from flax import traverse_util
 
-from ddpm_jax import checkpointing, factories, safetensors_io
+from ddpm_jax import checkpointing, factories, file_io
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax.metrics import torch_pickle
 
@@ -75,6 +83,13 @@ DIFFUSERS_ATTENTION = {
   "old": {"norm": "group_norm", "q": "query", "k": "key", "v": "value", "proj_out": "proj_attn"},
 }
 _MAX_LISTED = 10
+# The safetensors dtypes its numpy path returns -> numpy (others, e.g. F8, numpy cannot hold).
+_SAFETENSORS_DTYPES = {name: np.dtype(dtype) for name, dtype in {
+  "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+  "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+  "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_, "C64": np.complex64,
+}.items()}
+_FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES[name] for name in ("F64", "F32", "F16", "BF16"))
 
 
 class ConversionError(ValueError):
@@ -449,22 +464,28 @@ def from_tf_checkpoint(
     The params tree of `factories.create_model(config)`, numpy arrays of its param dtype.
   Raises:
     FileNotFoundError: no such checkpoint.
-    ConversionError: names or shapes do not fit the config (one message listing them all).
+    ConversionError: names or shapes do not fit the config (one message listing them all), or
+      the checkpoint is corrupt (one line).
   """
   import tensorflow as tf
 
   prefix = resolve_tf_checkpoint(path)
-  reader = tf.train.load_checkpoint(prefix)
-  shapes = {k: tuple(s) for k, s in reader.get_variable_to_shape_map().items()}
-  source, ema = _tf_source(shapes, use_ema)
-  suffix = EMA_SUFFIX if ema else ""
-  keys, expected = _check(
-    f"The TF checkpoint {prefix}", config, source,
-    lambda k: path_from_tf_name(k[:len(k) - len(suffix)]),
-    lambda p: tf_name(p) + suffix, lambda _, s: s, lambda _, s: s)
-  logging.info("Reading %d %s variables from %s", len(keys), "EMA" if ema else "raw", prefix)
-  return _unflatten({
-    p: np.asarray(reader.get_tensor(k)).astype(expected[p].dtype) for p, k in keys.items()})
+  try:  # A corrupt index or data file: TF's own checks (sizes, CRCs) raise OpErrors.
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = {k: tuple(s) for k, s in reader.get_variable_to_shape_map().items()}
+    source, ema = _tf_source(shapes, use_ema)
+    suffix = EMA_SUFFIX if ema else ""
+    keys, expected = _check(
+      f"The TF checkpoint {prefix}", config, source,
+      lambda k: path_from_tf_name(k[:len(k) - len(suffix)]),
+      lambda p: tf_name(p) + suffix, lambda _, s: s, lambda _, s: s)
+    logging.info("Reading %d %s variables from %s", len(keys), "EMA" if ema else "raw", prefix)
+    return _unflatten({
+      p: np.asarray(reader.get_tensor(k)).astype(expected[p].dtype) for p, k in keys.items()})
+  except tf.errors.OpError as e:
+    raise ConversionError(
+      f"{prefix}: not a readable TF checkpoint ({type(e).__name__}: {_one_line(e.message)})"
+    ) from e
 
 
 # -- diffusers. ---------------------------------------------------------------------------------
@@ -491,16 +512,108 @@ def diffusers_weights_file(path: str) -> str:
   raise FileNotFoundError(f"No {_DIFFUSERS_FILENAME} in {path} (or {path}/unet). {_FROM_BIN}")
 
 
-def load_diffusers_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The tensors of a diffusers .safetensors or torch .bin file (read without torch), or of a
-  model directory holding one."""
-  filename = diffusers_weights_file(path)
+def _one_line(text: str, limit: int = 400) -> str:
+  text = " ".join(str(text).split())
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _reading(filename: str) -> Iterator[None]:
+  """Any failure to read the weights file `filename` becomes one ConversionError naming it."""
   try:
+    yield
+  except ConversionError:
+    raise
+  except torch_pickle.TorchFileError as e:  # Names the file already.
+    raise ConversionError(str(e)) from e
+  except (safetensors.SafetensorError, OSError, ValueError, TypeError, AttributeError,
+          OverflowError, MemoryError) as e:
+    raise ConversionError(
+      f"{filename}: not a readable weights file ({type(e).__name__}: {_one_line(e)})") from e
+
+
+def weights_header(filename: str) -> dict[str, torch_pickle.TensorSpec]:
+  """Name -> (shape, numpy dtype) of the tensors of a .safetensors or torch .bin file, from its
+  header (or pickle) alone: no tensor is read. Raises ConversionError (one line) when malformed."""
+  with _reading(filename):
     if filename.endswith(".bin"):
-      return torch_pickle.load_state_dict(filename)
-    return safetensors_io.load_file(filename)
-  except (safetensors_io.SafetensorsError, torch_pickle.TorchFileError) as e:
-    raise ConversionError(f"{filename}: {e}") from e
+      return torch_pickle.read_header(filename)
+    specs = {}
+    with safetensors.safe_open(filename, framework="numpy") as f:
+      names = f.keys()
+      for name in names:
+        view = f.get_slice(name)
+        if view.get_dtype() not in _SAFETENSORS_DTYPES:
+          raise ConversionError(f"{filename}: tensor {name!r} has dtype {view.get_dtype()}, "
+                                f"which numpy cannot hold.")
+        specs[name] = torch_pickle.TensorSpec(
+          tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
+    return specs
+
+
+def read_weights(filename: str, expected: Mapping[str, Shape] | None = None
+                 ) -> dict[str, np.ndarray]:
+  """The tensors of a .safetensors or torch .bin file that `expected` (name -> shape) names, each
+  checked to be there with its shape before any is read; only they are read. None: all of them
+  (a .bin's arrays then take at most 4x the file's size + 64 MiB). Raises ConversionError."""
+  with _reading(filename):
+    if filename.endswith(".bin"):
+      if expected is None:
+        return torch_pickle.load_state_dict(filename)
+      return torch_pickle.load_state_dict(
+        filename, {name: (tuple(shape), None) for name, shape in expected.items()})
+    with safetensors.safe_open(filename, framework="numpy") as f:
+      names = f.keys()
+      if expected is None:
+        expected = {name: tuple(f.get_slice(name).get_shape()) for name in names}
+      names = set(names)
+      for name, shape in expected.items():
+        if name not in names:
+          raise ConversionError(f"{filename}: no tensor {name!r}.")
+        view = f.get_slice(name)
+        if tuple(view.get_shape()) != tuple(shape):
+          raise ConversionError(f"{filename}: tensor {name!r} has shape "
+                                f"{tuple(view.get_shape())}, expected {tuple(shape)}.")
+        if view.get_dtype() not in _SAFETENSORS_DTYPES:
+          raise ConversionError(f"{filename}: tensor {name!r} has dtype {view.get_dtype()}, "
+                                "which numpy cannot hold.")
+      return {name: f.get_tensor(name) for name in expected}
+
+
+def load_diffusers_state_dict(path: str, config: ml_collections.ConfigDict | None = None
+                              ) -> dict[str, np.ndarray]:
+  """The tensors of a diffusers .safetensors or torch .bin file (read without torch), or of a
+  model directory holding one.
+
+  With `config`, the file's names, shapes and floating dtypes are checked against the config's
+  U-Net from the header alone (a ConversionError listing what does not fit), and only then its
+  tensors are read. Any malformed file is one ConversionError naming it.
+  """
+  filename = diffusers_weights_file(path)
+  if config is None:
+    return read_weights(filename)
+  header = weights_header(filename)
+  keys, _ = _match_diffusers({name: spec.shape for name, spec in header.items()}, config,
+                             f"The diffusers weights {filename}")
+  for key in keys.values():
+    if header[key].dtype not in _FLOAT_DTYPES:
+      raise ConversionError(f"{filename}: tensor {key!r} has dtype {header[key].dtype}; U-Net "
+                            "weights are float16, bfloat16, float32 or float64.")
+  return read_weights(filename, {key: header[key].shape for key in keys.values()})
+
+
+def _match_diffusers(
+  shapes: Mapping[str, Shape], config: ml_collections.ConfigDict, what: str
+) -> tuple[dict[str, str], dict[str, jax.ShapeDtypeStruct]]:
+  """({our path: diffusers key}, expected variables) for {diffusers key: shape}; raises one
+  ConversionError listing what does not fit the config (both attention key styles are read)."""
+  attention = diffusers_attention_style(shapes)
+  config_levels = len(config.model.ch_mult)
+  down = {int(m.group(1)) for k in shapes if (m := re.match(r"down_blocks\.(\d+)\.", k))}
+  num_levels = max(down) + 1 if down else config_levels
+  return _check(
+    what, config, shapes, lambda k: path_from_diffusers_key(k, num_levels, attention),
+    lambda p: diffusers_key(p, config_levels, attention), torch_shape, shape_from_torch)
 
 
 def from_diffusers(
@@ -511,14 +624,8 @@ def from_diffusers(
   Both attention key styles are read (to_q/to_k/to_v/to_out.0 and query/key/value/proj_attn).
   Raises ConversionError when names or shapes do not fit the config (one message).
   """
-  attention = diffusers_attention_style(state_dict)
-  config_levels = len(config.model.ch_mult)
-  down = {int(m.group(1)) for k in state_dict if (m := re.match(r"down_blocks\.(\d+)\.", k))}
-  num_levels = max(down) + 1 if down else config_levels
-  keys, expected = _check(
-    "The diffusers state dict", config, {k: tuple(np.shape(v)) for k, v in state_dict.items()},
-    lambda k: path_from_diffusers_key(k, num_levels, attention),
-    lambda p: diffusers_key(p, config_levels, attention), torch_shape, shape_from_torch)
+  keys, expected = _match_diffusers(
+    {k: tuple(np.shape(v)) for k, v in state_dict.items()}, config, "The diffusers state dict")
   return _unflatten({
     p: np.ascontiguousarray(from_torch_layout(p, np.asarray(state_dict[k]))).astype(
       expected[p].dtype) for p, k in keys.items()})
@@ -577,8 +684,10 @@ def convert(
   """Imports `input_path` ('tf' or 'diffusers') into `<workdir>/checkpoints/<step>`; its path.
 
   `step` defaults to the TF checkpoint's step (else 0). Nothing is written when the weights do
-  not fit the config or the step exists.
+  not fit the config, the file is malformed or the step exists.
   """
+  if step is not None and step < 0:
+    raise ValueError(f"step must be >= 0, got {step}")
   if source == "tf":
     prefix = resolve_tf_checkpoint(input_path)
     step = tf_checkpoint_step(prefix) if step is None else step
@@ -587,7 +696,7 @@ def convert(
   elif source == "diffusers":
     step = 0 if step is None else step
     check_step_free(workdir, step)
-    params = from_diffusers(load_diffusers_state_dict(input_path), config)
+    params = from_diffusers(load_diffusers_state_dict(input_path, config), config)
   else:
     raise ValueError(f"source must be 'tf' or 'diffusers', got {source!r}")
   return save_checkpoint(params, config, workdir, step)
@@ -604,11 +713,13 @@ def _define_flags() -> None:
   flags.DEFINE_enum("source", None, ["tf", "diffusers"],
                     "tf: an original TF1 checkpoint; diffusers: a UNet2DModel's safetensors.")
   flags.DEFINE_string("input", None, "tf: the checkpoint prefix (model.ckpt-790000) or its "
-                      "directory; diffusers: diffusion_pytorch_model.safetensors or its directory.")
+                      "directory; diffusers: diffusion_pytorch_model.safetensors (or .bin) or its "
+                      "directory.")
   config_flags.DEFINE_config_file("config", None, "The config whose U-Net the weights fit.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Writes <workdir>/checkpoints/<step>.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the TF checkpoint's, else 0).")
+  flags.DEFINE_integer("step", None, "Checkpoint step, >= 0 (default: the TF checkpoint's, "
+                       "else 0).")
   flags.DEFINE_bool("ema", True, "tf: take the ExponentialMovingAverage copies when present; "
                     "--noema takes the raw weights.")
   flags.mark_flags_as_required(["source", "input", "config", "workdir"])
@@ -630,14 +741,18 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   absl_logging.get_absl_handler().addFilter(_QuietOrbax())
   f = flags.FLAGS
+  if f.step is not None and f.step < 0:  # Orbax would write a step no mode can load.
+    print(f"error: --step must be >= 0, got {f.step}; nothing was written.", file=sys.stderr)
+    sys.exit(2)
+  input_path, workdir = file_io.absolute(f.input), file_io.absolute(f.workdir)
   try:  # The config is validated by the mode that later uses the checkpoint.
-    path = convert(f.source, f.input, f.config, f.workdir, f.step, f.ema)
+    path = convert(f.source, input_path, f.config, workdir, f.step, f.ema)
   except (ConversionError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   config_file = config_flags.get_config_filename(f["config"])
   print(f"Wrote {path}. Sample with: python -m ddpm_jax.main --mode=sample "
-        f"--config={config_file} --workdir={f.workdir}", flush=True)
+        f"--config={config_file} --workdir={workdir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -673,12 +673,13 @@ def sample_official_weights() -> list:
     import IPython.display
     import jax
     import numpy as np
+    import safetensors.numpy
     import tensorflow as tf
     from flax import traverse_util
     from PIL import Image
 
     import configs
-    from ddpm_jax import convert, factories, image_grid, safetensors_io, sample
+    from ddpm_jax import convert, factories, image_grid, sample
 
     print(f"JAX {jax.__version__}: {jax.device_count()} {jax.devices()[0].platform} device(s)")
     """, SHOW),
@@ -805,7 +806,7 @@ def sample_official_weights() -> list:
           "diffusers": os.path.join(synthetic, "diffusion_pytorch_model.safetensors"),
       }
       state_dict = convert.to_diffusers_state_dict(source_params)
-      safetensors_io.save_file(state_dict, inputs["diffusers"])
+      safetensors.numpy.save_file(state_dict, inputs["diffusers"])
       INPUT = inputs[SOURCE]
       print(f"wrote {len(raw | ema)} TF variables and {len(state_dict)} diffusers tensors; "
             f"converting {INPUT}")
@@ -855,7 +856,7 @@ def sample_official_weights() -> list:
     elif SOURCE == "tf":
       reference, what = convert.from_tf_checkpoint(INPUT, config), "the TF1 checkpoint"
     else:
-      reference = convert.from_diffusers(convert.load_diffusers_state_dict(INPUT), config)
+      reference = convert.from_diffusers(convert.load_diffusers_state_dict(INPUT, config), config)
       what = "the safetensors file"
     rng = np.random.default_rng(0)
     x = rng.uniform(-1.0, 1.0, (4, *image_shape)).astype(np.float32)

@@ -9,12 +9,14 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 import tensorflow as tf
 from conftest import tiny_digits_config
 from flax import traverse_util
 
 from configs import cifar10
-from ddpm_jax import checkpointing, convert, factories, safetensors_io, sample, train
+from ddpm_jax import checkpointing, convert, factories, sample, train
 from ddpm_jax.metrics import torch_pickle
 from ddpm_jax.models import get_timestep_embedding
 
@@ -193,6 +195,18 @@ def test_tf1_checkpoint_imports_the_ema_weights_exactly(tf_checkpoint):
   assert_params_equal(convert.from_tf_checkpoint(prefix, tiny_config(), use_ema=False), raw)
 
 
+def test_a_corrupt_tf_checkpoint_ends_in_one_line_naming_it(tmp_path):
+  prefix = str(tmp_path / "model.ckpt-5")
+  with open(prefix + ".index", "wb") as f:
+    f.write(b"not an sstable" * 20)
+  with open(prefix + ".data-00000-of-00001", "wb") as f:
+    f.write(b"junk")
+  with pytest.raises(convert.ConversionError) as info:
+    convert.from_tf_checkpoint(prefix, tiny_config())
+  assert str(info.value).startswith(f"{prefix}: not a readable TF checkpoint (")
+  assert "bad magic number" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_tf1_checkpoint_without_ema_copies_imports_the_raw_weights(tmp_path):
   config = tiny_config()
   raw = random_params(config, 4)
@@ -354,38 +368,48 @@ def test_safetensors_round_trip_and_model_directory(tmp_path):
     "empty": np.zeros((0, 3), np.float32),
   }
   path = str(tmp_path / "w.safetensors")
-  safetensors_io.save_file(tensors, path, {"format": "pt"})
-  header, metadata, _ = safetensors_io.read_header(path)
-  assert metadata == {"format": "pt"} and header["c"]["dtype"] == "BF16"
-  loaded = safetensors_io.load_file(path)
+  safetensors.numpy.save_file(tensors, path, {"format": "pt"})
+  with safetensors.safe_open(path, framework="numpy") as f:
+    assert f.metadata() == {"format": "pt"} and f.get_slice("c").get_dtype() == "BF16"
+  header = convert.weights_header(path)
+  assert header == {name: (value.shape, value.dtype.newbyteorder("="))
+                    for name, value in tensors.items()}
+  loaded = convert.read_weights(path)
   assert sorted(loaded) == sorted(tensors)
   for name, value in tensors.items():
     assert loaded[name].dtype == value.dtype.newbyteorder("=") and loaded[name].shape == value.shape
     np.testing.assert_array_equal(loaded[name], value)
+  assert list(convert.read_weights(path, {"c": (2, 3)})) == ["c"]  # Only what is asked for.
+  with pytest.raises(convert.ConversionError, match=r"w\.safetensors: tensor 'c' has shape "
+                     r"\(2, 3\), expected \(3, 2\)\.$"):
+    convert.read_weights(path, {"c": (3, 2)})
   with open(path, "rb") as f:
     raw = f.read()
-  assert raw[-8:] == np.arange(5, 6, dtype="<i8").tobytes()  # "d"[1, 2] is last, little-endian.
+  assert np.arange(6, dtype="<i8").tobytes() in raw  # "d" is stored little-endian.
   with open(path, "wb") as f:
     f.write(raw[:-4])
-  with pytest.raises(safetensors_io.SafetensorsError, match="does not fit"):
-    safetensors_io.load_file(path)
+  with pytest.raises(convert.ConversionError, match=r"w\.safetensors: not a readable weights file "
+                     r"\(SafetensorError: .*file not fully covered\)$"):
+    convert.read_weights(path)
 
   config = tiny_config()
   params = random_params(config, 6)
   model_dir = tmp_path / "ddpm"
   model_dir.mkdir()
-  safetensors_io.save_file(convert.to_diffusers_state_dict(params, "old"),
-                           str(model_dir / "diffusion_pytorch_model.safetensors"))
+  safetensors.numpy.save_file(convert.to_diffusers_state_dict(params, "old"),
+                              str(model_dir / "diffusion_pytorch_model.safetensors"))
   assert_params_equal(
     convert.from_diffusers(convert.load_diffusers_state_dict(str(model_dir)), config), params)
+  assert_params_equal(convert.from_diffusers(
+    convert.load_diffusers_state_dict(str(model_dir), config), config), params)
 
 
 def test_a_diffusers_model_directory_becomes_a_checkpoint_at_step_0(tmp_path):
   config = tiny_digits_config()
   params = random_params(config, 9)
   (tmp_path / "model").mkdir()
-  safetensors_io.save_file(convert.to_diffusers_state_dict(params),
-                           str(tmp_path / "model" / "diffusion_pytorch_model.safetensors"))
+  safetensors.numpy.save_file(convert.to_diffusers_state_dict(params),
+                              str(tmp_path / "model" / "diffusion_pytorch_model.safetensors"))
   workdir = str(tmp_path / "workdir")
   assert convert.convert("diffusers", str(tmp_path / "model"), config, workdir) == os.path.join(
     workdir, "checkpoints", "0")
@@ -401,19 +425,6 @@ def test_a_diffusers_model_directory_becomes_a_checkpoint_at_step_0(tmp_path):
   torch_pickle.save_state_dict(bin_path, convert.to_diffusers_state_dict(params, "old"))
   assert_params_equal(convert.from_diffusers(convert.load_diffusers_state_dict(bin_path), config),
                       params)
-
-
-def test_safetensors_files_agree_with_the_safetensors_package(tmp_path):
-  st = pytest.importorskip("safetensors.numpy")
-  ours = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "y": np.ones(3, np.float16)}
-  safetensors_io.save_file(ours, str(tmp_path / "ours.safetensors"))
-  theirs = st.load_file(str(tmp_path / "ours.safetensors"))
-  st.save_file({"z": np.full((2, 2), 7, np.float32), **ours}, str(tmp_path / "theirs.safetensors"))
-  back = safetensors_io.load_file(str(tmp_path / "theirs.safetensors"))
-  for name, value in ours.items():
-    np.testing.assert_array_equal(theirs[name], value)
-    np.testing.assert_array_equal(back[name], value)
-  np.testing.assert_array_equal(back["z"], np.full((2, 2), 7, np.float32))
 
 
 def ddpm_unet2d_config(block_out_channels, down_block_types, up_block_types, layers_per_block,
@@ -467,11 +478,11 @@ def test_diffusers_unet2d_model_gives_our_outputs():
 # -- The command line. -------------------------------------------------------------------------
 
 
-def run_convert(*args) -> subprocess.CompletedProcess:
+def run_convert(*args, cwd=REPO) -> subprocess.CompletedProcess:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-m", "ddpm_jax.convert", *args], env=env,
-                        capture_output=True, text=True, cwd=REPO, timeout=300)
+                        capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 def test_command_line_writes_a_checkpoint_that_sampling_loads(tmp_path):
@@ -480,11 +491,14 @@ def test_command_line_writes_a_checkpoint_that_sampling_loads(tmp_path):
   prefix = write_tf1_checkpoint(str(tmp_path), convert.to_tf_names(raw),
                                 convert.to_tf_names(ema), 790000)
   workdir = str(tmp_path / "workdir")
-  args = ["--source=tf", f"--input={prefix}", f"--config={REPO}/configs/digits.py",
-          "--config.model.num_res_blocks=1", f"--workdir={workdir}"]
-  done = run_convert(*args)
+  # Relative paths are made absolute at the command line (Orbax wants absolute ones).
+  args = ["--source=tf", f"--input={os.path.relpath(prefix, tmp_path)}",
+          f"--config={REPO}/configs/digits.py", "--config.model.num_res_blocks=1",
+          "--workdir=workdir"]
+  done = run_convert(*args, cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert f"Wrote {workdir}/checkpoints/790000" in done.stdout
+  assert f"Wrote {workdir}/checkpoints/790000. Sample with: " in done.stdout
+  assert done.stdout.rstrip().endswith(f" --workdir={workdir}")
 
   loop = train.TrainLoop(config, workdir)
   restored, step = sample.restore_ema_params(config, workdir, loop)
@@ -498,7 +512,7 @@ def test_command_line_writes_a_checkpoint_that_sampling_loads(tmp_path):
   assert_params_equal(jax.device_get(state.params), ema)  # Fine-tuning starts from the EMA too.
   assert all(int(x) == 0 for x in jax.tree.leaves(state.opt_state) if x.ndim == 0)  # Fresh Adam.
 
-  again = run_convert(*args[:3], "--config.model.out_ch=2", f"--workdir={workdir}")
+  again = run_convert(*args[:3], "--config.model.out_ch=2", f"--workdir={workdir}", cwd=tmp_path)
   assert again.returncode == 2
   assert "790000 already exists; nothing was written" in again.stderr, again.stderr[-3000:]
 

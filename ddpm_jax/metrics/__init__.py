@@ -3,7 +3,8 @@
 - `fid`: Fréchet distance, feature statistics, Inception Score, the `FeatureExtractor` protocol.
 - `inception`: the FID Inception-v3 (2015 TF graph) in Flax and `InceptionFeatures`.
 - `convert_inception`: pytorch-fid's .pth weights -> the .npz `InceptionFeatures` loads.
-- `torch_pickle`: reads and writes torch.save files as numpy, without torch.
+- `torch_pickle`: reads torch.save files (possibly hostile) as numpy without torch, checking
+  names, shapes and dtypes before any tensor is read; writes them for the tests.
 - `digits_features`: a small classifier of the 8x8 digits, their FID/IS feature net.
 """
 

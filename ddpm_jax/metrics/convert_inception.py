@@ -6,18 +6,20 @@
 Reads the state dict without torch (`torch_pickle`) and maps its keys 1:1 (see `inception`'s
 docstring): conv weights [out, in, kh, kw] -> kernels [kh, kw, in, out], fc.weight [1008, 2048] ->
 kernel [2048, 1008], bn weight/bias -> scale/bias, running_mean/var -> batch_stats mean/var.
-`num_batches_tracked` entries are ignored. Any other difference in keys or shapes ends in one
-error listing the missing, unexpected and mis-shaped keys.
+`num_batches_tracked` entries are ignored. Names, shapes and dtypes are checked from the file's
+pickle before any tensor is read; any other difference in keys or shapes ends in one error listing
+the missing, unexpected and mis-shaped keys, and a malformed file in one line naming it (exit
+status 2, nothing written).
 """
 
 import argparse
 import io
-import pickle
 import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ddpm_jax import file_io
 from ddpm_jax.metrics import fid, inception, torch_pickle
 
 _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -57,23 +59,17 @@ def expected_torch_shapes() -> dict[str, tuple[int, ...]]:
   }
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """pytorch-fid state dict -> flat Flax variables {'params/.../kernel': float32 array}."""
-  state_dict = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
-  flax_shapes = inception.variable_shapes()
-  torch_to_flax = {flax_to_torch_key(key): key for key in flax_shapes}
-  missing = sorted(set(torch_to_flax) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(torch_to_flax))
-  misshaped = []
-  for torch_key in sorted(set(state_dict) & set(torch_to_flax)):
-    want = _to_torch_layout(torch_to_flax[torch_key], flax_shapes[torch_to_flax[torch_key]])
-    got = tuple(np.shape(state_dict[torch_key]))
-    if got != want:
-      misshaped.append(f"{torch_key}: {got}, expected {want}")
+def check_shapes(shapes: Mapping[str, tuple[int, ...]], what: str = "The state dict") -> None:
+  """Raises one ConversionError listing the missing, unexpected and mis-shaped keys of a
+  pytorch-fid state dict's {key: shape} (`num_batches_tracked` entries are ignored)."""
+  shapes = {k: tuple(v) for k, v in shapes.items() if not k.endswith(".num_batches_tracked")}
+  expected = expected_torch_shapes()
+  missing = sorted(set(expected) - set(shapes))
+  unexpected = sorted(set(shapes) - set(expected))
+  misshaped = [f"{key}: {shapes[key]}, expected {expected[key]}"
+               for key in sorted(set(shapes) & set(expected)) if shapes[key] != expected[key]]
   if missing or unexpected or misshaped:
-    lines = [
-      f"The state dict does not match pytorch-fid's FID Inception ({inception.WEIGHTS_FILENAME})."
-    ]
+    lines = [f"{what} does not match pytorch-fid's FID Inception ({inception.WEIGHTS_FILENAME})."]
     for title, keys in (
       ("missing", missing),
       ("unexpected", unexpected),
@@ -83,6 +79,12 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.nda
         lines.append(f"{len(keys)} {title} keys:")
         lines.extend(f"  {key}" for key in keys)
     raise ConversionError("\n".join(lines))
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """pytorch-fid state dict -> flat Flax variables {'params/.../kernel': float32 array}."""
+  check_shapes({key: np.shape(value) for key, value in state_dict.items()})
+  torch_to_flax = {flax_to_torch_key(key): key for key in inception.variable_shapes()}
   return {
     flax_key: _to_flax_layout(flax_key, np.asarray(state_dict[torch_key]))
     for torch_key, flax_key in torch_to_flax.items()
@@ -96,10 +98,26 @@ def save_variables(path: str, flat_variables: Mapping[str, np.ndarray]) -> None:
   fid.write_bytes(path, buffer.getvalue())
 
 
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """The FID Inception tensors of pytorch-fid's .pth at `path`, checked (names, shapes, floating
+  dtypes) before any is read; only they are read.
+
+  Raises:
+    torch_pickle.TorchFileError: a malformed file (one line naming it).
+    ConversionError: the tensors do not fit the FID Inception.
+  """
+  specs = torch_pickle.read_header(path)
+  check_shapes({key: spec.shape for key, spec in specs.items()}, what=path)
+  expected = expected_torch_shapes()
+  for key in expected:
+    if specs[key].dtype.kind != "f":
+      raise ConversionError(f"{path}: tensor {key} has dtype {specs[key].dtype}, not a float.")
+  return torch_pickle.load_state_dict(path, {key: (shape, None) for key, shape in expected.items()})
+
+
 def convert(input_path: str, output_path: str) -> None:
   """Reads the .pth at `input_path` and writes the converted .npz to `output_path`."""
-  state_dict = torch_pickle.load_state_dict(input_path)
-  save_variables(output_path, convert_state_dict(state_dict))
+  save_variables(output_path, convert_state_dict(read_state_dict(input_path)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,12 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--input", required=True, help=f"pytorch-fid's {inception.WEIGHTS_FILENAME}")
   parser.add_argument("--output", required=True, help="the .npz for eval.inception_weights")
   args = parser.parse_args(argv)
+  input_path, output_path = file_io.absolute(args.input), file_io.absolute(args.output)
   try:
-    convert(args.input, args.output)
-  except (OSError, ValueError, pickle.UnpicklingError) as e:  # One clear message, no traceback.
-    print(f"convert_inception: {e}", file=sys.stderr)
-    return 1
-  print(f"Wrote {args.output}; use --config.eval.inception_weights={args.output}")
+    convert(input_path, output_path)
+  except (OSError, ValueError) as e:  # TorchFileError, ConversionError: one message, no traceback.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"Wrote {output_path}; use --config.eval.inception_weights={output_path}")
   return 0
 
 
