@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # Sets up .venv if needed, then trains and samples the embedded digits (no download, about
 # 10 minutes on 2 CPU cores). Rerunning resumes. Usage: ./train_digits.sh [WORKDIR] [--config.x=y]
+# WORKDIR defaults to workdir_digits in the repository; a relative WORKDIR is taken from the
+# directory the command runs in.
 set -euo pipefail
+WORKDIR=workdir_digits
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then
+  WORKDIR="$1"
+  shift
+  case "$WORKDIR" in
+    /* | *://*) ;;
+    *) WORKDIR="$PWD/$WORKDIR" ;;
+  esac
+fi
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
-WORKDIR="${1:-workdir_digits}"
-shift || true
 exec "$PY" -m ddpm_jax.main --config=configs/digits.py --workdir="$WORKDIR" "$@"

@@ -34,6 +34,15 @@ def _check_positive(config, field: str) -> None:
     _fail(field, value, "it must be an integer >= 1")
 
 
+def _check_non_negative(config, field: str, integer: bool = True) -> None:
+  section, name = field.split(".")
+  value = config[section][name]
+  kinds = (int,) if integer else (int, float)
+  if isinstance(value, bool) or not isinstance(value, kinds) or not value >= 0:
+    kind = "an integer" if integer else "a number"
+    _fail(field, value, f"it must be {kind} >= 0 (0 disables it)")
+
+
 def validate_config(
     config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1
 ) -> None:
@@ -54,6 +63,12 @@ def validate_config(
   for field in ("training.batch_size", "training.num_train_steps", "training.steps_per_call",
                 "training.log_every", "training.keep_checkpoints", "diffusion.num_timesteps"):
     _check_positive(config, field)
+  for field in ("training.checkpoint_every_steps", "training.sample_every",
+                "training.num_sample_images", "training.fid_num_samples", "optim.warmup_steps"):
+    _check_non_negative(config, field)
+  for field in ("training.checkpoint_every_secs", "optim.grad_clip"):
+    _check_non_negative(config, field, integer=False)
+  _check_optimizer(config)
   _check_diffusion(config)
   _check_batch(config, device_count, process_count)
   _check_model(config)
@@ -104,6 +119,20 @@ def _check_model(config) -> None:
             f"each must be one of the U-Net's resolutions {sorted(resolutions)}")
   if not 0.0 <= model.dropout < 1.0:
     _fail("model.dropout", model.dropout, "it must be in [0, 1)")
+
+
+def _check_optimizer(config) -> None:
+  optim = config.optim
+  if not optim.lr > 0:
+    _fail("optim.lr", optim.lr, "it must be > 0")
+  for field in ("ema_decay", "beta1", "beta2"):
+    if not 0.0 <= optim[field] < 1.0:
+      _fail(f"optim.{field}", optim[field], "it must be in [0, 1)")
+  if not optim.eps > 0:
+    _fail("optim.eps", optim.eps, "it must be > 0")
+  if config.training.sample_every and config.training.num_sample_images < 1:
+    _fail("training.num_sample_images", config.training.num_sample_images,
+          "it must be >= 1 when training.sample_every is set")
 
 
 def _check_step_multiples(config) -> None:

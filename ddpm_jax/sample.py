@@ -4,7 +4,9 @@
 `sample.checkpoint_step`), draws `sample.num_samples` images in global batches of
 `sample.batch_size` spread over all devices of all processes, and writes them as it goes::
 
-  <workdir>/samples_step<step>_<sampler>_<num_steps>steps[_eta<eta>]_seed<seed>[_noclip]/
+  <workdir>/samples_step<step>_<sampler>_<num_steps>steps[_eta<eta>]_seed<seed>[_noclip]_<key>/
+    manifest.json     everything that determines the images (checkpoint step, sampler, seed,
+                      diffusion, model, image shape); <key> is its hash
     shard_00000.npz   images uint8 [b, H, W, C], indices int64 [b] (the global sample indices)
     shard_00001.npz   ...  (shard k holds samples k * batch_size .. (k + 1) * batch_size - 1)
     grid.png          the first 64 samples
@@ -12,8 +14,10 @@
 Sample i is drawn from the key fold_in(PRNGKey(sample.seed), i) (`sampling.sample_keys`), so the
 images do not depend on the batch size, the device count or the process count. Process 0 writes
 each shard atomically (temporary file, then rename) with fixed zip timestamps, so a shard's bytes
-are a function of the config and the checkpoint; a rerun skips the complete shards, which is how a
-preempted job continues. `load_samples(directory)` reads them back in order.
+are a function of the config and the checkpoint; a rerun skips the shards that hold exactly the
+expected indices, shape and dtype (which is how a preempted job continues) and regenerates any
+other. Another config (beta schedule, image size, model, ...) has another directory, so a rerun
+never returns stale samples. `load_samples(directory)` reads them back in order.
 
 Samplers (`sample.sampler`):
   ancestral: Algorithm 2 through all T steps with the model's variance (`p_sample_loop`). With
@@ -25,7 +29,10 @@ Samplers (`sample.sampler`):
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import logging
 import os
 import time
@@ -45,6 +52,7 @@ from ddpm_jax.sampling import SamplerSpec, make_sample_fn
 NoCheckpointError = run_checkpoints.NoCheckpointError
 SHARD_PATTERN = "shard_*.npz"
 GRID_NAME = "grid.png"
+MANIFEST_NAME = "manifest.json"
 GRID_SIZE = 64
 # Fixed zip timestamps make a shard's bytes depend only on its arrays.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
@@ -83,6 +91,53 @@ def restore_ema_params(
   return run_checkpoints.load_ema_params(loop, config.sample.checkpoint_step)
 
 
+# -- The sample directory. ---------------------------------------------------------------------
+
+
+class StaleSamplesError(ValueError):
+  """A sample directory holds samples of other settings than those asked for."""
+
+
+def sample_manifest(config: ml_collections.ConfigDict, spec: SamplerSpec,
+                    step: int) -> dict[str, Any]:
+  """Everything that determines the images of a sample directory (not the batch size or the
+  number of samples: sample i is the same in every run)."""
+  return {
+      "checkpoint_step": step,
+      "sampler": dataclasses.asdict(spec),
+      "seed": config.sample.seed,
+      "image_shape": list(factories.image_shape(config)),
+      "diffusion": config.diffusion.to_dict(),
+      "model": config.model.to_dict(),
+  }
+
+
+def _manifest_json(manifest: dict[str, Any]) -> str:
+  return json.dumps(manifest, indent=2, sort_keys=True, default=list)
+
+
+def sample_dir(workdir: str, manifest: dict[str, Any]) -> str:
+  """`<workdir>/<SamplerSpec.dirname>_<key>`, key a hash of the manifest."""
+  key = hashlib.sha256(_manifest_json(manifest).encode()).hexdigest()[:8]
+  spec = SamplerSpec(**manifest["sampler"])
+  return os.path.join(workdir, f"{spec.dirname(manifest['checkpoint_step'], manifest['seed'])}"
+                               f"_{key}")
+
+
+def _check_or_write_manifest(directory: str, manifest: dict[str, Any]) -> None:
+  """Process 0: writes the manifest, or checks that the one there is the same."""
+  path = os.path.join(directory, MANIFEST_NAME)
+  text = _manifest_json(manifest)
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      if f.read() == text:
+        return
+    raise StaleSamplesError(
+        f"{directory} holds samples of other settings than these (its {MANIFEST_NAME} differs); "
+        "nothing was changed. Move it away, or sample into another directory.")
+  file_io.write_atomically(path, text.encode())
+
+
 # -- Shards on disk. ---------------------------------------------------------------------------
 
 
@@ -113,22 +168,28 @@ def _read_shard(path: str) -> dict[str, np.ndarray]:
     return {"images": npz["images"], "indices": npz["indices"]}
 
 
-def _shard_complete(path: str, start: int, count: int) -> bool:
-  """Whether `path` holds exactly samples start..start+count-1 (readable, right indices)."""
+def _shard_complete(path: str, start: int, count: int, image_shape: tuple[int, ...]) -> bool:
+  """Whether `path` holds exactly samples start..start+count-1: readable, the right indices
+  (int64), images uint8 `[count, *image_shape]`."""
   if not tf.io.gfile.exists(path):
     return False
   try:
-    indices = _read_shard(path)["indices"]
-  except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    shard = _read_shard(path)
+  except Exception:  # noqa: BLE001 - any unreadable shard (empty, truncated, ...) is redone.
     return False
-  return np.array_equal(indices, np.arange(start, start + count))
+  images, indices = shard["images"], shard["indices"]
+  expected = np.arange(start, start + count)
+  return (images.dtype == np.uint8 and images.shape == (count, *image_shape)
+          and indices.dtype == np.int64 and np.array_equal(indices, expected))
 
 
-def _pending_shards(directory: str, ranges: list[tuple[int, int]]) -> list[int]:
+def _pending_shards(directory: str, ranges: list[tuple[int, int]],
+                    image_shape: tuple[int, ...]) -> list[int]:
   """Indices of the shards still to sample; process 0's view of the disk decides for all."""
   pending = np.zeros(len(ranges), np.bool_)
   if jax.process_index() == 0:
-    pending[:] = [not _shard_complete(shard_path(directory, i), *r) for i, r in enumerate(ranges)]
+    pending[:] = [not _shard_complete(shard_path(directory, i), *r, image_shape)
+                  for i, r in enumerate(ranges)]
   if jax.process_count() > 1:
     pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
   return [int(i) for i in np.flatnonzero(pending)]
@@ -145,7 +206,11 @@ def load_samples(directory: str, num_samples: int | None = None) -> np.ndarray:
   paths = sorted(tf.io.gfile.glob(os.path.join(directory, SHARD_PATTERN)))
   shards, have = [], np.zeros(num_samples or 0, np.bool_)
   for path in paths:
-    shards.append(_read_shard(path))
+    try:
+      shards.append(_read_shard(path))
+    except Exception:  # noqa: BLE001 - an unreadable shard counts as missing (rerun to redo it).
+      logging.warning("Skipping the unreadable shard %s.", path)
+      continue
     if num_samples is not None:
       have[shards[-1]["indices"][shards[-1]["indices"] < num_samples]] = True
       if have.all():
@@ -172,23 +237,27 @@ def run_sampling(
     config: ml_collections.ConfigDict, workdir: str, output_dir: str | None = None
 ) -> str:
   """Samples `config.sample` from the EMA params of a checkpoint in `workdir`; returns the
-  output directory (default `<workdir>/<SamplerSpec.dirname>`). Rerunning resumes; see top."""
+  output directory (default `sample_dir`). Rerunning resumes; see top."""
   validate_config(config, device_count=1)  # The model and diffusion; the train batch is unused.
+  workdir = file_io.absolute(workdir)
   loop = train.TrainLoop(config, workdir)
   spec = sampler_spec(config.sample, loop.diffusion.num_timesteps)
   ranges = shard_ranges(config.sample.num_samples, config.sample.batch_size)
+  image_shape = factories.image_shape(config)
   with run_checkpoints.open_checkpoints(workdir, loop.mesh) as ckpt:
     step = run_checkpoints.select_step(ckpt, config.sample.checkpoint_step)
-    directory = output_dir or os.path.join(workdir, spec.dirname(step, config.sample.seed))
-    pending = _pending_shards(directory, ranges)
+    manifest = sample_manifest(config, spec, step)
+    directory = file_io.absolute(output_dir) if output_dir else sample_dir(workdir, manifest)
+    if jax.process_index() == 0:
+      file_io.make_writable_dir(directory, "The sample directory")
+      _check_or_write_manifest(directory, manifest)
+    pending = _pending_shards(directory, ranges, image_shape)
     logging.info("Sampling step %d with %s into %s: %d of %d shards to do.", step, spec,
                  directory, len(pending), len(ranges))
     ema_params = run_checkpoints.restore_ema_params(ckpt, loop, step) if pending else None
   if pending:
-    if jax.process_index() == 0:
-      tf.io.gfile.makedirs(directory)
-    sample_fn = make_sample_fn(loop.diffusion, loop.model, loop.mesh,
-                               factories.image_shape(config), spec, config.sample.batch_size)
+    sample_fn = make_sample_fn(loop.diffusion, loop.model, loop.mesh, image_shape, spec,
+                               config.sample.batch_size)
     _sample_shards(sample_fn, ema_params, config.sample.seed, directory, ranges, pending)
   grid_path = os.path.join(directory, GRID_NAME)
   if jax.process_index() == 0 and not tf.io.gfile.exists(grid_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,13 +53,44 @@ def make_chain_fn(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
       clip_denoised=spec.clip_denoised)
 
 
+class ChainProgress:
+  """Logs how far the reverse chains of a call have come, with an ETA (a host callback)."""
+
+  def __init__(self, num_timesteps: int, num_reports: int = 10):
+    self.num_timesteps = num_timesteps
+    self.every = max(1, num_timesteps // num_reports)
+    self.start("Sampling")
+
+  def start(self, what: str) -> None:
+    """Starts the clock of a call whose log lines begin with `what`."""
+    self.what, self._start, self._last_t = what, time.monotonic(), None
+
+  def __call__(self, t: np.ndarray) -> None:
+    """Called by every device at each step t divisible by `every`; logs each t once."""
+    t = int(t)
+    if self._last_t is not None and t >= self._last_t:
+      return
+    self._last_t = t
+    done, elapsed = self.num_timesteps - t, time.monotonic() - self._start
+    logging.info("%s: %d of %d reverse steps, %.0f s, ETA %.0f s.", self.what, done,
+                 self.num_timesteps, elapsed, elapsed * t / done)
+
+
+def _report_progress(progress: ChainProgress, t: jax.Array) -> None:
+  jax.lax.cond(t % progress.every == 0, lambda: jax.debug.callback(progress, t), lambda: None)
+
+
 def _sharded_chain(model: nn.Module, mesh: Mesh, image_shape: tuple[int, int, int],
-                   chain: Callable) -> Callable[[Any, jax.Array], np.ndarray]:
+                   chain: Callable, progress: ChainProgress | None = None
+                   ) -> Callable[[Any, jax.Array], np.ndarray]:
   """`run(params, keys [N, 2] sharded over the mesh) -> images [N, H, W, C]` (numpy, gathered
-  on every process): each device runs `chain` on its share of the keys."""
+  on every process): each device runs `chain` on its share of the keys, calling `progress` at
+  the steps it reports."""
 
   def per_device(params, keys):
     def model_fn(x, t):
+      if progress is not None:
+        _report_progress(progress, t[0])
       return model.apply({"params": params}, x, t, train=False)
 
     return chain(model_fn, (keys.shape[0], *image_shape), keys)
@@ -84,14 +117,15 @@ def make_sampler(
     mesh: Mesh,
     image_shape: tuple[int, int, int],
     clip_denoised: bool = True,
+    progress: ChainProgress | None = None,
 ) -> Callable[[Any, jax.Array], np.ndarray]:
   """Returns `sample(params, keys [N, 2]) -> images [N, H, W, C]` in [-1, 1] (float32 numpy):
-  Algorithm 2 through all T steps.
+  Algorithm 2 through all T steps, reporting to `progress` if given (start it before a call).
 
   The N chains are spread over the mesh; N need not divide the device count (keys are padded).
   """
   spec = SamplerSpec("ancestral", diffusion.num_timesteps, 1.0, clip_denoised)
-  run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec))
+  run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec), progress)
   devices = mesh.devices.size
 
   def sample(params, keys):

@@ -6,6 +6,7 @@ same arguments resumes. Only process 0 writes logs, images and the config.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ import tensorflow as tf
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
-from ddpm_jax import checkpointing, factories, image_grid, input_pipeline, sampling
+from ddpm_jax import checkpointing, factories, file_io, image_grid, input_pipeline, sampling
 from ddpm_jax import train_step as train_step_lib
 from ddpm_jax.config_validation import validate_config
 from ddpm_jax.preemption import PreemptionWatcher
@@ -27,6 +28,10 @@ from ddpm_jax.train_program import TrainProgram
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or Inf; no checkpoint was written after it."""
+
+
+class NothingToTrainError(ValueError):
+  """The workdir's checkpoint is beyond `training.num_train_steps`."""
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -42,14 +47,22 @@ class TrainLoop(TrainProgram):
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     super().__init__(config)
     self.workdir = workdir
+    self.progress = sampling.ChainProgress(self.diffusion.num_timesteps)
     self.sampler = sampling.make_sampler(
         self.diffusion, self.model, self.mesh, factories.image_shape(config),
-        clip_denoised=config.sample.clip_denoised)
+        clip_denoised=config.sample.clip_denoised, progress=self.progress)
 
-  def sample_images(self, state, num_images: int) -> np.ndarray:
+  def sample_images(self, state, num_images: int, step: int) -> np.ndarray:
     """uint8 `[N, H, W, C]` EMA samples; sample i depends only on (sample.seed, i)."""
     keys = sampling.sample_keys(jax.random.PRNGKey(self.config.sample.seed), 0, num_images)
+    self.progress.start(f"Sampling {num_images} EMA images of step {step}")
     return image_grid.to_uint8(self.sampler(state.ema_params, keys))
+
+  def grid_path(self, step: int) -> str:
+    return os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
+
+  def sample_quality_path(self, step: int) -> str:
+    return os.path.join(self.workdir, "samples", f"step_{step:08d}_sample_quality.json")
 
   def write_grid(self, images: np.ndarray, step: int, writer) -> str | None:
     """Writes the grid to TensorBoard and `samples/step_<N>.png` (small images upscaled)."""
@@ -57,7 +70,7 @@ class TrainLoop(TrainProgram):
       return None
     grid = image_grid.make_grid(images)
     scale = max(1, 64 // images.shape[1])
-    path = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
+    path = self.grid_path(step)
     image_grid.save_png(path, grid.repeat(scale, axis=0).repeat(scale, axis=1))
     writer.write_images(step, {"ema_samples": grid[None]})
     logging.info("Wrote EMA samples of step %d to %s", step, path)
@@ -73,12 +86,16 @@ def prepare_data(config) -> None:
       multihost_utils.sync_global_devices(f"prepare_data_{index}")
 
 
-def report_sample_quality(config, images: np.ndarray, step: int, writer) -> dict[str, float]:
-  """FID (and IS) of uint8 EMA samples `[N, H, W, C]` against the real data (process 0)."""
+def report_sample_quality(loop: TrainLoop, images: np.ndarray, step: int,
+                          writer) -> dict[str, float]:
+  """FID (and IS) of uint8 EMA samples `[N, H, W, C]` against the real data (process 0), to
+  TensorBoard, stdout and `samples/step_<N>_sample_quality.json`."""
   from ddpm_jax import sample_quality  # The feature networks are only needed here.
 
+  config = loop.config
   result = sample_quality.evaluate_samples(config, images)
   writer.write_scalars(step, {f"sample_quality/{k}": v for k, v in result.items()})
+  file_io.write_atomically(loop.sample_quality_path(step), json.dumps(result, indent=2).encode())
   summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
   print(f"Sample quality of {len(images)} EMA samples at step {step} ({config.data.dataset}, "
         f"against its {config.eval.fid_split} split): {summary}", flush=True)
@@ -125,18 +142,24 @@ class MetricsBuffer:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state."""
+  """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state.
+
+  Every user error (a bad config, a workdir that cannot be written, a checkpoint beyond
+  `training.num_train_steps`) is raised before anything is written.
+  """
+  workdir = file_io.absolute(workdir)
   validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
-  tf.io.gfile.makedirs(workdir)
-  write_config(config, workdir)
-  prepare_data(config)
+  file_io.make_writable_dir(workdir, "--workdir")
   loop = TrainLoop(config, workdir)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   training = config.training
   with checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=training.keep_checkpoints,
       every_steps=training.checkpoint_every_steps, every_secs=training.checkpoint_every_secs,
       default_sharding=train_step_lib.replicated(loop.mesh)) as ckpt:
+    _check_not_beyond(ckpt, training.num_train_steps)
+    write_config(config, workdir)
+    prepare_data(config)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     state, resumed = ckpt.restore_or_init(loop.init_fn)
     start_step = int(state.step)
     if resumed:
@@ -151,18 +174,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   return state
 
 
-def _sample(loop: TrainLoop, state, step: int, writer) -> str | None:
-  """The EMA sample grid (if `training.sample_every`), and at the last step the sample quality
-  of `training.fid_num_samples` samples (the grid's are the first of them)."""
+def _check_not_beyond(ckpt: checkpointing.Checkpointer, num_train_steps: int) -> None:
+  latest = ckpt.latest_step()
+  if latest is not None and latest > num_train_steps:
+    raise NothingToTrainError(
+        f"The latest checkpoint in {ckpt.directory} is of step {latest}, beyond "
+        f"training.num_train_steps={num_train_steps}: nothing to train. Pass "
+        f"--config.training.num_train_steps={latest} or more to resume it, or use a fresh "
+        "--workdir.")
+
+
+def _missing_final_outputs(loop: TrainLoop, step: int) -> bool:
+  """Whether the samples (grid, FID) that training ends with are not on disk for `step`."""
   training = loop.config.training
+  paths = [loop.grid_path(step)] if training.sample_every else []
+  paths += [loop.sample_quality_path(step)] if training.fid_num_samples else []
+  missing = any(not tf.io.gfile.exists(p) for p in paths)
+  if jax.process_count() > 1:  # Process 0 writes them: its view decides for all.
+    missing = bool(multihost_utils.broadcast_one_to_all(np.bool_(missing)))
+  return missing
+
+
+def _sample(loop: TrainLoop, state, step: int, writer, ckpt, preemption) -> str | None:
+  """The EMA sample grid (if `training.sample_every`), and at the last step the sample quality
+  of `training.fid_num_samples` samples (the grid's are the first of them).
+
+  When the checkpoint of `step` is on disk, a SIGTERM meanwhile ends the process at once.
+  """
+  training = loop.config.training
+  last = step == training.num_train_steps
   n_grid = training.num_sample_images if training.sample_every else 0
-  n_fid = training.fid_num_samples if step == training.num_train_steps else 0
+  n_fid = training.fid_num_samples if last else 0
   if not max(n_grid, n_fid):
     return None
-  images = loop.sample_images(state, max(n_grid, n_fid))
-  path = loop.write_grid(images[:n_grid], step, writer) if n_grid else None
-  if n_fid and jax.process_index() == 0:
-    report_sample_quality(loop.config, images, step, writer)
+  ckpt.wait_until_finished()
+  # With several processes this takes SIGTERM from JAX for good: only once training is over.
+  if step in ckpt.all_steps() and (last or jax.process_count() == 1):
+    what = " and their FID" if n_fid else ""
+    preemption.exit_on_sigterm(f"the EMA samples{what} of step {step}", writer.flush)
+  try:
+    images = loop.sample_images(state, max(n_grid, n_fid), step)
+    path = loop.write_grid(images[:n_grid], step, writer) if n_grid else None
+    if n_fid and jax.process_index() == 0:
+      report_sample_quality(loop, images, step, writer)
+  finally:
+    preemption.resume_saving()
   return path
 
 
@@ -170,7 +226,7 @@ def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
   """Steps from `start_step` to `training.num_train_steps`, or until preempted."""
   config, training = loop.config, loop.config.training
   num_steps = training.num_train_steps
-  data_iter = _data_iterator(config, start_step)
+  data_iter = _data_iterator(config, start_step) if start_step < num_steps else None
   # Logs progress and ETA; the scalars (steps/s, images/s) are written at log steps below.
   report = periodic_actions.ReportProgress(num_train_steps=num_steps)
   preemption = PreemptionWatcher()
@@ -179,6 +235,10 @@ def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
   last_log_time, last_log_step = time.time(), start_step
   sample_path = None
   try:
+    if step == num_steps:
+      print(f"Already trained to step {step}.", flush=True)
+      if _missing_final_outputs(loop, step):
+        sample_path = _sample(loop, state, step, writer, ckpt, preemption)
     while step < num_steps:
       n = k if step % k == 0 and step + k <= num_steps else 1
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -202,7 +262,7 @@ def _run(loop: TrainLoop, state, start_step: int, ckpt, writer):
         metrics.flush()  # Never checkpoint a state that followed a non-finite loss.
         ckpt.save(step, state, force=True)
       if step == num_steps or (training.sample_every and step % training.sample_every == 0):
-        sample_path = _sample(loop, state, step, writer) or sample_path
+        sample_path = _sample(loop, state, step, writer, ckpt, preemption) or sample_path
       if stopping:
         logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
         break

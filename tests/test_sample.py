@@ -1,6 +1,8 @@
 """--mode=sample and the paper's figures, on a tiny digits model trained for two steps (T=20)."""
 
+import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -54,7 +56,8 @@ def assert_close_uint8(a, b):
 def test_run_sampling_writes_shards_resumes_and_regenerates_the_same_bytes(trained):
   config, workdir = trained
   directory = sample.run_sampling(config(), workdir)
-  assert directory == os.path.join(workdir, "samples_step2_ancestral_20steps_seed1")
+  assert re.fullmatch(re.escape(workdir) + r"/samples_step2_ancestral_20steps_seed1_[0-9a-f]{8}",
+                      directory)
   assert shard_files(directory) == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
   shards = [read_shard(os.path.join(directory, f)) for f in shard_files(directory)]
   assert [s[0].shape for s in shards] == [(4, 8, 8, 1), (4, 8, 8, 1), (2, 8, 8, 1)]
@@ -85,6 +88,60 @@ def test_run_sampling_writes_shards_resumes_and_regenerates_the_same_bytes(train
       f: t for f, t in before.items() if f != "shard_00001.npz"}
 
 
+def test_other_settings_never_reuse_stale_samples(trained):
+  """Another beta schedule or image size (same checkpoint) samples anew into its own directory;
+  it used to return the old shards ("0 of 3 shards to do")."""
+  config, workdir = trained
+  base = sample.run_sampling(config(), workdir)
+  cosine = sample.run_sampling(config(**{"diffusion.beta_schedule": "cosine"}), workdir)
+  larger = sample.run_sampling(config(**{"data.image_size": 16, "model.attn_resolutions": (8,)}),
+                               workdir)
+  assert len({base, cosine, larger}) == 3
+  assert sample.load_samples(larger).shape == (NUM_SAMPLES, 16, 16, 1)
+  assert np.mean(sample.load_samples(cosine) != sample.load_samples(base)) > 0.1
+  with open(os.path.join(cosine, sample.MANIFEST_NAME)) as f:
+    manifest = json.load(f)
+  assert manifest["diffusion"]["beta_schedule"] == "cosine"
+  assert manifest["checkpoint_step"] == 2 and manifest["image_shape"] == [8, 8, 1]
+  assert manifest["sampler"] == {"sampler": "ancestral", "num_steps": 20, "eta": 1.0,
+                                 "clip_denoised": True}
+  # Neither the batch size nor the number of samples changes the images: same directory.
+  assert sample.run_sampling(config(**{"sample.batch_size": 3}), workdir) == base
+  # A directory whose manifest says otherwise is refused, and left as it is.
+  with pytest.raises(sample.StaleSamplesError, match="holds samples of other settings"):
+    sample.run_sampling(config(**{"diffusion.beta_schedule": "cosine"}), workdir,
+                        output_dir=base)
+  manifest = sample.sample_manifest(config(), sample.sampler_spec(config().sample, 20), 2)
+  with open(os.path.join(base, sample.MANIFEST_NAME)) as f:
+    assert json.load(f) == json.loads(json.dumps(manifest)) and manifest["model"]["ch"] == 32
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "wrong_shape", "wrong_dtype",
+                                    "wrong_indices"])
+def test_bad_shards_are_regenerated(trained, damage):
+  config, workdir = trained
+  directory = sample.run_sampling(config(), workdir)
+  path = os.path.join(directory, "shard_00001.npz")
+  with open(path, "rb") as f:
+    original = f.read()
+  images, indices = read_shard(path)
+  bad = {
+      "empty": lambda: b"",
+      "truncated": lambda: original[: len(original) // 2],
+      "wrong_shape": lambda: sample._npz_bytes(images=images[:, :4], indices=indices),
+      "wrong_dtype": lambda: sample._npz_bytes(images=images.astype(np.float32), indices=indices),
+      "wrong_indices": lambda: sample._npz_bytes(images=images, indices=indices + 1),
+  }[damage]()
+  with open(path, "wb") as f:
+    f.write(bad)
+  before = mtimes(directory)
+  sample.run_sampling(config(), workdir)
+  with open(path, "rb") as f:
+    assert f.read() == original
+  after = mtimes(directory)
+  assert {f for f in after if after[f] != before.get(f)} == {"shard_00001.npz"}
+
+
 def test_samples_do_not_depend_on_device_count_or_batch_size(trained):
   config, workdir = trained
   directory = sample.run_sampling(config(), workdir)  # Batches of 4 over 4 devices.
@@ -113,13 +170,14 @@ def test_ddim_and_strided_ancestral_samplers(trained):
   config, workdir = trained
   ddim = sample.run_sampling(config(**{"sample.sampler": "ddim", "sample.num_steps": 5,
                                        "sample.eta": 0.0}), workdir)
-  assert os.path.basename(ddim) == "samples_step2_ddim_5steps_eta0_seed1"
+  assert re.fullmatch(r"samples_step2_ddim_5steps_eta0_seed1_[0-9a-f]{8}", os.path.basename(ddim))
   # Ancestral with fewer steps than T is DDIM with eta = 1 on the same 5 strided steps.
   strided_config = config(**{"sample.num_steps": 5, "sample.eta": 0.0})
   assert sample.sampler_spec(strided_config.sample, 20) == sampling.SamplerSpec(
       "ancestral", 5, 1.0, True)
   strided = sample.run_sampling(strided_config, workdir)
-  assert os.path.basename(strided) == "samples_step2_ancestral_5steps_seed1"
+  assert re.fullmatch(r"samples_step2_ancestral_5steps_seed1_[0-9a-f]{8}",
+                      os.path.basename(strided))
   eta0, eta1 = sample.load_samples(ddim), sample.load_samples(strided)
   full = sample.load_samples(sample.run_sampling(config(), workdir))
   assert eta0.shape == eta1.shape == (NUM_SAMPLES, 8, 8, 1) and eta0.dtype == np.uint8
