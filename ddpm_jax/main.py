@@ -35,10 +35,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops Orbax's per-save INFO lines; its warnings and errors still show."""
+  """Drops Orbax's per-save INFO lines; its warnings and errors still show, without tracebacks
+  (a failed save ends in our own one-line error)."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= std_logging.WARNING
 
 
 def _config_load_error(error: Exception, argv: list[str]) -> str:
@@ -110,7 +114,8 @@ def main(argv):
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   compilation_cache.enable(FLAGS.compilation_cache_dir)
   user_errors = (config_validation.ConfigError, input_pipeline.DatasetNotPreparedError,
-                 checkpointing.IncompatibleCheckpointError, train.NonFiniteLossError,
+                 checkpointing.IncompatibleCheckpointError, checkpointing.CorruptCheckpointError,
+                 checkpointing.CheckpointSaveError, train.NonFiniteLossError,
                  train.NothingToTrainError, sample.NoCheckpointError, sample.StaleSamplesError,
                  MissingWeightsError, file_io.WorkdirError)
   config, workdir = _with_absolute_paths(FLAGS.config), file_io.absolute(FLAGS.workdir)

@@ -1,7 +1,8 @@
 """Reading a training run's checkpoints from another job (sampling, evaluation, figures).
 
 Readers open `<workdir>/checkpoints` read-only, so a job started next to a running training job
-never deletes its save in flight.
+never deletes its save in flight, and never move or change a checkpoint: one that is corrupt is
+reported (`CorruptCheckpointError`, naming the other steps to use), not set aside.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from ddpm_jax import train_step as train_step_lib
 
 class NoCheckpointError(FileNotFoundError):
   """The workdir has no checkpoint (of the requested step) to load."""
+
+
+CorruptCheckpointError = checkpointing.CorruptCheckpointError
 
 
 def open_checkpoints(workdir: str, mesh) -> checkpointing.Checkpointer:
@@ -48,9 +52,30 @@ def select_step(ckpt: checkpointing.Checkpointer, requested: int | None) -> int:
 
 
 def restore_ema_params(ckpt: checkpointing.Checkpointer, loop, step: int) -> Any:
-  """The EMA params of checkpoint `step`, replicated over `loop.mesh` (a `train.TrainLoop`)."""
+  """The EMA params of checkpoint `step`, replicated over `loop.mesh` (a `train.TrainLoop`).
+
+  Raises CorruptCheckpointError (changing nothing on disk) when that checkpoint is damaged.
+  """
   abstract = checkpointing.abstract_state(loop.init_fn, train_step_lib.replicated(loop.mesh))
-  return ckpt.restore(abstract, step).ema_params
+  try:
+    return ckpt.restore(abstract, step).ema_params
+  except CorruptCheckpointError as e:
+    raise CorruptCheckpointError(
+        f"{e} {_other_steps_advice(ckpt, e.step)}", step=e.step, reason=e.reason) from e
+
+
+def _other_steps_advice(ckpt: checkpointing.Checkpointer, bad_step: int) -> str:
+  """What to do instead of reading the corrupt checkpoint `bad_step`, in one line."""
+  others = [s for s in ckpt.all_steps() if s != bad_step]
+  retrain = ("rerunning the training (--mode=train) moves it aside, unchanged, and resumes from "
+             "the newest intact step")
+  if not others:
+    return (f"Nothing was changed on disk. It is the only checkpoint in {ckpt.directory}; "
+            f"{retrain} (here: from scratch).")
+  older = [s for s in others if s < bad_step]
+  choice = f"={older[-1]} (the newest older one)" if older else " to one of them"
+  return (f"Nothing was changed on disk. Other steps available in {ckpt.directory}: {others}; "
+          f"set --config.sample.checkpoint_step{choice}, or {retrain}.")
 
 
 def load_ema_params(loop, step: int | None = None) -> tuple[Any, int]:
