@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     # Reads diffusers' .safetensors weights: it validates the format (header, offsets, overlaps)
     # itself, and needs no torch (a small Rust wheel).
     "safetensors==0.8.0",
+    "matplotlib==3.11.2",  # The rate-distortion plot (Fig. 5): axes and ticks are a library's job.
 ]
 
 EXTRAS_REQUIRE = {
@@ -36,6 +37,8 @@ EXTRAS_REQUIRE = {
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
         "jupyter_client==8.10.0",
+        # The notebooks are generated from their percent-format sources, notebooks/*.py.
+        "jupytext==1.19.6",
     ],
     # Optional: the PyTorch peer of `python -m benchmarks.run` (diffusers' UNet2DModel).
     "bench": [
@@ -60,7 +63,7 @@ setup(
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["ddpm_jax", "ddpm_jax.*", "configs"]),
+    packages=find_packages(include=["ddpm_jax", "ddpm_jax.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

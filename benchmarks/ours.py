@@ -30,8 +30,10 @@ import numpy as np
 
 from benchmarks import flops
 from benchmarks.common import load_config, print_result
-from ddpm_jax import compilation_cache, factories, sampling, train_step, xla_flags
-from ddpm_jax.train_program import TrainProgram
+from ddpm_jax import model_bundle, parallel
+from ddpm_jax.runtime import compilation_cache, xla_flags
+from ddpm_jax.sampling import samplers
+from ddpm_jax.training.program import TrainProgram
 
 Result = dict[str, Any]
 WORKLOADS = ("train", "forward", "sample", "compile", "memory", "memory_model", "matmul_peak")
@@ -53,7 +55,7 @@ def _settings(config: ml_collections.ConfigDict, **extra) -> dict[str, Any]:
     **extra, device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
     jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
     python=platform.python_version(), precision=m.dtype, conv_impl=m.conv_impl, remat=m.remat,
-    image_shape=list(factories.image_shape(config)),
+    image_shape=list(model_bundle.image_shape(config)),
     model=dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
                attn_resolutions=list(m.attn_resolutions), dropout=m.dropout))
 
@@ -72,8 +74,8 @@ def _train_program(config: ml_collections.ConfigDict, batch: int):
   config.training.batch_size = batch
   loop = TrainProgram(config)
   state = loop.init_fn()
-  x0 = np.random.default_rng(0).uniform(-1, 1, (batch, *factories.image_shape(config)))
-  x = train_step.global_batch(x0.astype(np.float32), loop.mesh)
+  x0 = np.random.default_rng(0).uniform(-1, 1, (batch, *model_bundle.image_shape(config)))
+  x = parallel.global_batch(x0.astype(np.float32), loop.mesh)
   start = time.perf_counter()
   compiled = loop.train_step(1).lower(state, x).compile()
   return compiled, state, x, time.perf_counter() - start
@@ -81,11 +83,11 @@ def _train_program(config: ml_collections.ConfigDict, batch: int):
 
 def _abstract_step_inputs(program: TrainProgram, batch: int) -> tuple[Any, jax.ShapeDtypeStruct]:
   """(state, x) as shapes with the train step's shardings: lowers it without allocating."""
-  replicated = train_step.replicated(program.mesh)
+  replicated = parallel.replicated(program.mesh)
   state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                        jax.eval_shape(program.init_fn))
-  x = jax.ShapeDtypeStruct((batch, *factories.image_shape(program.config)), jnp.float32,
-                           sharding=train_step.batch_sharding(program.mesh))
+  x = jax.ShapeDtypeStruct((batch, *model_bundle.image_shape(program.config)), jnp.float32,
+                           sharding=parallel.batch_sharding(program.mesh))
   return state, x
 
 
@@ -152,8 +154,8 @@ def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int,
 def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: int,
                          warmup: int) -> Result:
   """Images/s of the U-Net forward pass (eval mode) at `batch`."""
-  model = factories.create_model(config)
-  shape = (batch, *factories.image_shape(config))
+  model = model_bundle.create_model(config)
+  shape = (batch, *model_bundle.image_shape(config))
   x = jax.random.uniform(jax.random.PRNGKey(0), shape, jnp.float32, -1, 1)
   t = jnp.arange(batch, dtype=jnp.int32) % config.diffusion.num_timesteps
   params = jax.jit(model.init)(jax.random.PRNGKey(config.training.seed), x[:1], t[:1])["params"]
@@ -182,14 +184,14 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, samp
   in the compiled loop and the chain's time is extrapolated to all T steps.
   """
   batch = min(batch or num_images, num_images)
-  diffusion = factories.create_diffusion(config)
-  model = factories.create_model(config)
-  shape = (batch, *factories.image_shape(config))
+  diffusion = model_bundle.create_diffusion(config)
+  model = model_bundle.create_model(config)
+  shape = (batch, *model_bundle.image_shape(config))
   params = jax.jit(model.init)(
     jax.random.PRNGKey(config.training.seed), jnp.zeros((1, *shape[1:])),
     jnp.zeros((1,), jnp.int32))["params"]
   num_steps = num_steps or diffusion.num_timesteps
-  spec = sampling.SamplerSpec(sampler, num_steps, 1.0 if sampler == "ancestral" else eta)
+  spec = samplers.SamplerSpec(sampler, num_steps, 1.0 if sampler == "ancestral" else eta)
   keys = np.asarray(jax.random.split(jax.random.PRNGKey(config.sample.seed), num_images))
   extrapolated, timed = None, num_images
   if timed_steps and sampler == "ancestral" and timed_steps < num_steps:
@@ -208,9 +210,9 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, samp
     seconds = (time.perf_counter() - start) * num_steps / timed_steps * num_images / batch
     extrapolated = timed_steps
   else:
-    mesh = train_step.make_mesh()
-    sample_fn = sampling.make_sample_fn(diffusion, model, mesh, shape[1:], spec, batch)
-    params = jax.device_put(params, train_step.replicated(mesh))
+    mesh = parallel.make_mesh()
+    sample_fn = samplers.make_sample_fn(diffusion, model, mesh, shape[1:], spec, batch)
+    params = jax.device_put(params, parallel.replicated(mesh))
     compile_start = time.perf_counter()
     sample_fn(params, keys[:batch])
     compile_s = time.perf_counter() - compile_start  # Includes one full chain.
@@ -262,7 +264,7 @@ def peak_memory_bytes(config: ml_collections.ConfigDict, batch: int) -> Result:
   peak = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
   return dict(value=peak, unit="bytes", settings=_settings(
     config, batch=batch, compile_s=compile_s, **{f"{k}_bytes": v for k, v in parts.items()},
-    peak_gib=peak / 2**30, num_params=train_step.param_count(state.params)))
+    peak_gib=peak / 2**30, num_params=parallel.param_count(state.params)))
 
 
 def _nbytes(tree: Any) -> int:
@@ -303,7 +305,7 @@ def memory_model_bytes(config: ml_collections.ConfigDict, batch: int) -> Result:
   config.training.batch_size = batch
   loop = TrainProgram(config)
   state = jax.eval_shape(loop.init_fn)
-  shape = (batch, *factories.image_shape(config))
+  shape = (batch, *model_bundle.image_shape(config))
 
   def loss(params, x, t):
     out = loop.model.apply({"params": params}, x, t, train=True,
@@ -367,7 +369,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="float32", help="matmul_peak: float32 | bfloat16.")
   p.add_argument("--matmul_size", type=int, default=2048, help="matmul_peak: n of [2n,n]x[n,n].")
   p.add_argument("--xla_default_flags", action="store_true",
-                 help="Leave XLA_FLAGS as it is (without ddpm_jax.xla_flags' CPU settings).")
+                 help="Leave XLA_FLAGS as it is (without runtime.xla_flags' CPU settings).")
   return p
 
 

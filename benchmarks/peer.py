@@ -53,7 +53,7 @@ def unet2d_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   Level i (resolution image_size / 2**i) is an Attn{Down,Up}Block2D when that resolution is in
   `attn_resolutions`; diffusers lists the up blocks from the bottom.
   """
-  from ddpm_jax import factories  # Imports jax, which starts no threads until it computes.
+  from ddpm_jax import model_bundle  # Imports jax, which starts no threads until it computes.
 
   m = config.model
   if not m.resamp_with_conv:
@@ -63,7 +63,7 @@ def unet2d_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   attn = [size // 2**i in tuple(m.attn_resolutions) for i in range(len(mults))]
   return dict(
     sample_size=size, in_channels=config.data.num_channels,
-    out_channels=factories.model_out_channels(config),
+    out_channels=model_bundle.model_out_channels(config),
     block_out_channels=tuple(m.ch * mult for mult in mults), layers_per_block=m.num_res_blocks,
     down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
     up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
@@ -80,9 +80,9 @@ def build_model(config: ml_collections.ConfigDict, params: Any = None) -> torch.
 
   model = diffusers.UNet2DModel(**unet2d_config(config))
   if params is not None:
-    from ddpm_jax import convert
+    from ddpm_jax.weights import diffusers
 
-    state_dict = {k: torch.tensor(v) for k, v in convert.to_diffusers_state_dict(params).items()}
+    state_dict = {k: torch.tensor(v) for k, v in diffusers.to_diffusers_state_dict(params).items()}
     model.load_state_dict(state_dict, strict=True)
   return model.eval()
 
@@ -94,13 +94,13 @@ def seed_params(config: ml_collections.ConfigDict) -> Any:
   import jax
   import jax.numpy as jnp
 
-  from ddpm_jax import factories
+  from ddpm_jax import model_bundle
 
   params_rng, _ = jax.random.split(jax.random.PRNGKey(config.training.seed))
   size, channels = config.data.image_size, config.data.num_channels
   x = jnp.zeros((1, size, size, channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  model = factories.create_model(config)
+  model = model_bundle.create_model(config)
   init = jax.jit(lambda rng: model.init({"params": rng}, x, t, train=False)["params"])
   return jax.device_get(init(params_rng))
 

@@ -3,10 +3,10 @@
   python -m ddpm_jax.main --config=configs/cifar10.py --workdir=/tmp/ddpm_cifar10
 """
 
-from configs import default
+from ddpm_jax.config import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   config.data.shuffle_buffer = 50_000  # A full shuffle of the 50k training images each epoch.
   return config

@@ -4,11 +4,11 @@ A 1M-parameter U-Net at the digits' native 8x8, T = 1000, about 10 minutes on 2 
   python -m ddpm_jax.main --config=configs/digits.py --workdir=/tmp/ddpm_digits
 """
 
-from configs import default
+from ddpm_jax.config import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   config.data.dataset = "digits"
   config.data.image_size = 8
   config.data.num_channels = 1

@@ -6,12 +6,13 @@ The paper's large bedroom model (FID 4.90, about 256M params) is `--config.model
       --config.data.source=tfrecords --config.data.data_dir='/data/lsun/bedroom-r08.tfrecords'
 """
 
-from configs import lsun_church
+from ddpm_jax.config import defaults
 
 
 def get_config():
-  config = lsun_church.get_config()
+  config = defaults.get_256_config()  # The paper's 256x256 settings.
   config.data.dataset = "lsun_bedroom"
+  config.data.eval_split = "validation"
   config.data.random_flip = False
   config.training.num_train_steps = 2_400_000
   return config

@@ -4,11 +4,11 @@
       --config.data.source=tfrecords --config.data.data_dir='/data/lsun/cat-r08.tfrecords'
 """
 
-from configs import lsun_church
+from ddpm_jax.config import defaults
 
 
 def get_config():
-  config = lsun_church.get_config()
+  config = defaults.get_256_config()  # The paper's 256x256 settings.
   config.data.dataset = "lsun_cat"
   config.data.eval_split = "train"  # LSUN object categories have no validation split.
   config.training.num_train_steps = 1_800_000

@@ -7,11 +7,11 @@ or from TFDS `lsun/church_outdoor`:
   python -m ddpm_jax.main --config=configs/lsun_church.py --workdir=/tmp/ddpm_church
 """
 
-from configs import celeb_a_hq
+from ddpm_jax.config import defaults
 
 
 def get_config():
-  config = celeb_a_hq.get_config()  # The shared 256x256 settings.
+  config = defaults.get_256_config()  # The paper's 256x256 settings.
   config.data.dataset = "lsun_church"
   config.data.eval_split = "validation"
   config.training.num_train_steps = 1_200_000

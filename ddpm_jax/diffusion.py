@@ -2,7 +2,7 @@
 
 No Flax, no device code, no I/O. Time is 0-based as in the original code: code step `t` is the
 paper's step t+1, and the network receives the integer t in [0, T). Tables are computed once in
-float64 numpy and cast to float32 when gathered (spec section 1).
+float64 numpy and cast to float32 when gathered.
 
 A model is any `model_fn(x_t, t) -> output`, x_t `[B, H, W, C]` in [-1, 1] scale, t int32 `[B]`;
 the output is `[B, H, W, C]`, or `[B, H, W, 2C]` for learned variances. Loops over T are
@@ -30,9 +30,12 @@ LOSS_TYPES = ("mse", "kl", "hybrid")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 
 
-def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  """Raises ValueError("<field>=<value> is not allowed: allowed values are ...") unless `value`
+  is one of `allowed` (config validation reports its fields with this too)."""
   if value not in allowed:
-    raise ValueError(f"Unknown {field} {value!r}; allowed: {', '.join(allowed)}.")
+    raise ValueError(f"{field}={value!r} is not allowed: allowed values are "
+                     f"{', '.join(map(str, allowed))}.")
 
 
 def _warmup_beta(beta_start, beta_end, num_timesteps, warmup_frac):
@@ -52,8 +55,8 @@ def _cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999)
 def get_beta_schedule(
     name: str, *, beta_start: float, beta_end: float, num_timesteps: int
 ) -> np.ndarray:
-  """Returns the betas `[num_timesteps]` (float64) of a named schedule (spec section 1)."""
-  _check_choice("beta_schedule", name, BETA_SCHEDULES)
+  """Returns the betas `[num_timesteps]` (float64) of a named schedule."""
+  check_choice("beta_schedule", name, BETA_SCHEDULES)
   if num_timesteps < 1:
     raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}.")
   if name == "linear":
@@ -179,9 +182,9 @@ class GaussianDiffusion:
   loss_type: str = "mse"
 
   def __post_init__(self):
-    _check_choice("model_mean_type", self.model_mean_type, MODEL_MEAN_TYPES)
-    _check_choice("model_var_type", self.model_var_type, MODEL_VAR_TYPES)
-    _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+    check_choice("model_mean_type", self.model_mean_type, MODEL_MEAN_TYPES)
+    check_choice("model_var_type", self.model_var_type, MODEL_VAR_TYPES)
+    check_choice("loss_type", self.loss_type, LOSS_TYPES)
     learned = self.model_var_type in LEARNED_VAR_TYPES
     if self.loss_type == "mse" and learned:
       raise ValueError(

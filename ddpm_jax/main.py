@@ -6,16 +6,14 @@ command resumes from the latest checkpoint in `--workdir`.
 
 from __future__ import annotations
 
-import logging as std_logging
-import os
 import sys
 
-import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import compilation_cache, file_io, xla_flags
+from ddpm_jax import file_io
+from ddpm_jax.runtime import command_line, compilation_cache, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.",
@@ -34,53 +32,6 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Drops Orbax's per-save INFO lines; its warnings and errors still show, without tracebacks
-  (a failed save ends in our own one-line error)."""
-
-  def filter(self, record) -> bool:
-    if "/orbax/" not in record.pathname:
-      return True
-    record.exc_info, record.exc_text = None, None
-    return record.levelno >= std_logging.WARNING
-
-
-def _config_load_error(error: Exception, argv: list[str]) -> str:
-  """One line for a --config file that cannot be loaded or an override naming no field."""
-  config_arg = next((a for a in argv if a.startswith("--config=")), "--config=")
-  path = config_arg.partition("=")[2].split(":")[0]
-  if path and not os.path.isfile(path):
-    return f"{config_arg}: no such file."
-  if isinstance(error, (AttributeError, KeyError)):
-    name = str(error).strip("'\"")
-    bad = [a.partition("=")[0] for a in argv
-           if a.startswith("--config.") and name in a.partition("=")[0].split(".")]
-    if bad:
-      return (f"{bad[0]}: no such config field ({name!r}); configs/default.py lists every field "
-              "and its default.")
-  if isinstance(error, AttributeError) and not isinstance(FLAGS["config"].value,
-                                                          ml_collections.ConfigDict):
-    return f"{config_arg}: its get_config() must return an ml_collections.ConfigDict."
-  first_line = (str(error).strip().splitlines() or [""])[0]
-  return f"{config_arg} could not be loaded: {type(error).__name__}: {first_line}"
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing; a bad flag, config file or config override ends in one line, exit 2."""
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config.to_dict()  # A config file that failed to load raises here, not at parse time.
-  except flags.Error as e:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    print(f"error: {' '.join(lines[:1] + lines[1:][-1:])}\nPass --helpshort to see the flags.",
-          file=sys.stderr)
-    sys.exit(2)
-  except (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
-    print(f"error: {_config_load_error(e, argv)}", file=sys.stderr)
-    sys.exit(2)
-  return rest
-
-
 # Config fields that hold local paths (or gs:// ones, kept as they are).
 PATH_FIELDS = ("data.data_dir", "eval.inception_weights", "eval.fid_stats_dir")
 
@@ -95,52 +46,69 @@ def _with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 def main(argv):
   xla_flags.apply()  # Before JAX starts its backends, which read XLA_FLAGS once.
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  command_line.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Imported here so that --help is fast and TensorFlow never sees the accelerators.
-  from ddpm_jax import (  # input_pipeline hides GPUs/TPUs from TensorFlow before it uses them.
-    checkpointing,
-    config_validation,
-    distributed,
-    evaluate,
-    figures,
-    input_pipeline,
-    sample,
-    train,
-  )
-  from ddpm_jax.metrics.inception import MissingWeightsError
+  # Imported here so that --help is fast; each mode imports what it needs.
+  from ddpm_jax.runtime import distributed
 
   distributed.maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   compilation_cache.enable(FLAGS.compilation_cache_dir)
-  user_errors = (config_validation.ConfigError, input_pipeline.DatasetNotPreparedError,
-                 checkpointing.IncompatibleCheckpointError, checkpointing.CorruptCheckpointError,
-                 checkpointing.CheckpointSaveError, train.NonFiniteLossError,
-                 train.NothingToTrainError, sample.NoCheckpointError, sample.StaleSamplesError,
-                 MissingWeightsError, file_io.WorkdirError)
   config, workdir = _with_absolute_paths(FLAGS.config), file_io.absolute(FLAGS.workdir)
   try:
-    # The global train batch must divide over the devices only when training.
-    training = FLAGS.mode == "train"
-    config_validation.validate_config(
-        config, device_count=jax.device_count() if training else 1,
-        process_count=jax.process_count() if training else 1)
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(config, workdir)
-    elif FLAGS.mode == "sample":
-      print(f"Samples: {sample.run_sampling(config, workdir)}", flush=True)
-    elif FLAGS.mode == "figures":
-      for name, path in figures.write_figures(config, workdir).items():
-        print(f"{name}: {path}", flush=True)
-    elif config.eval.watch:
-      print(f"Evaluated steps: {evaluate.watch(config, workdir)}", flush=True)
-    else:
-      evaluate.run_eval(config, workdir)
-  except user_errors as e:
+    _run_mode(FLAGS.mode, config, workdir)
+  except _user_errors() as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
+def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Runs `mode`, importing only what it needs (sampling imports no TensorFlow or optax)."""
+  if mode == "train":
+    from ddpm_jax.training import loop
+
+    loop.train_and_evaluate(config, workdir)
+  elif mode == "sample":
+    from ddpm_jax.sampling import shards
+
+    print(f"Samples: {shards.run_sampling(config, workdir)}", flush=True)
+  elif mode == "figures":
+    from ddpm_jax.sampling import figures
+
+    for name, path in figures.write_figures(config, workdir).items():
+      print(f"{name}: {path}", flush=True)
+  else:
+    from ddpm_jax.evaluation import evaluate
+
+    if config.eval.watch:
+      print(f"Evaluated steps: {evaluate.watch(config, workdir)}", flush=True)
+    else:
+      evaluate.run_eval(config, workdir)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+  """The errors a user can cause: each ends in one line and exit status 2. Modules a mode did not
+  import cannot have raised theirs."""
+  from ddpm_jax.checkpoints import checkpointer, readers
+  from ddpm_jax.config.validation import ConfigError
+  from ddpm_jax.evaluation.inception import MissingWeightsError
+  from ddpm_jax.sampling.shards import StaleSamplesError
+
+  errors = [ConfigError, checkpointer.IncompatibleCheckpointError,
+            checkpointer.CorruptCheckpointError, checkpointer.CheckpointSaveError,
+            readers.NoCheckpointError, StaleSamplesError, MissingWeightsError,
+            file_io.WorkdirError]
+  if "ddpm_jax.training.loop" in sys.modules:
+    from ddpm_jax.training import loop
+
+    errors += [loop.NonFiniteLossError, loop.NothingToTrainError]
+  if "ddpm_jax.data.pipeline" in sys.modules:
+    from ddpm_jax.data import pipeline
+
+    errors.append(pipeline.DatasetNotPreparedError)
+  return tuple(errors)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -3,11 +3,13 @@ configs."""
 
 import os
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from ddpm_jax import xla_flags  # noqa: E402
+from ddpm_jax.runtime import xla_flags  # noqa: E402
 
 xla_flags.apply()  # The XLA:CPU settings `ddpm_jax.main` runs with.
 
@@ -41,3 +43,26 @@ def tiny_digits_config(**overrides):
 @pytest.fixture
 def tiny_config():
   return tiny_digits_config
+
+
+def subprocess_env(devices):
+  """The environment of a subprocess with `devices` simulated CPU devices, importing this
+  checkout."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return env
+
+
+def read_scalars(workdir):
+  """TensorBoard scalars of `workdir`: {tag: [(step, value)]}."""
+  import tensorflow as tf
+  from tensorboard.backend.event_processing import event_accumulator
+
+  acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()["tensors"]:
+    values = [(e.step, tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+    if all(v.ndim == 0 for _, v in values):
+      out[tag] = [(step, float(v)) for step, v in values]
+  return out

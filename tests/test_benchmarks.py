@@ -13,7 +13,8 @@ import pytest
 from conftest import tiny_digits_config
 
 from benchmarks import flops, ours, peer, run
-from ddpm_jax import compilation_cache, factories, xla_flags
+from ddpm_jax import model_bundle
+from ddpm_jax.runtime import compilation_cache, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ def test_train_figure_and_flops(tmp_path):
   assert s["images_per_s"] == pytest.approx(8 * result["value"])
   # A train step is the forward pass, its backward (~2x) and the optimizer: ~3x the forward.
   # XLA's count is per device (4 here, 2 images each).
-  model = factories.create_model(config)
+  model = model_bundle.create_model(config)
   local = 8 // jax.device_count()
   x, t = jnp.zeros((local, 8, 8, 1)), jnp.zeros((local,), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)["params"]

@@ -18,7 +18,9 @@ from test_convert import random_params  # noqa: E402
 
 from benchmarks import peer  # noqa: E402
 from configs import cifar10, digits  # noqa: E402
-from ddpm_jax import convert, factories  # noqa: E402
+from ddpm_jax import model_bundle  # noqa: E402
+from ddpm_jax.weights import diffusers as diffusers_weights  # noqa: E402
+from ddpm_jax.weights import matching  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,10 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_unet2d_config_has_our_variables(get_config):
   config = get_config()
   model = peer.build_model(config)
-  shapes = convert.variable_shapes(config)
+  shapes = matching.variable_shapes(config)
   num_levels = len(config.model.ch_mult)
-  ours = {convert.diffusers_key(p, num_levels): convert.torch_shape(p, tuple(s.shape))
-          for p, s in shapes.items()}
+  ours = {diffusers_weights.diffusers_key(p, num_levels):
+          diffusers_weights.torch_shape(p, tuple(s.shape)) for p, s in shapes.items()}
   assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == ours
   assert sum(p.numel() for p in model.parameters()) == sum(
     math.prod(s.shape) for s in shapes.values())
@@ -59,7 +61,7 @@ def test_same_weights_give_our_outputs():
   rng = np.random.default_rng(1)
   x = rng.uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
   t = np.array([0, 1, 500, 999], np.int32)
-  ours = np.asarray(jax.jit(factories.create_model(config).apply)({"params": params}, x, t))
+  ours = np.asarray(jax.jit(model_bundle.create_model(config).apply)({"params": params}, x, t))
   model = peer.build_model(config, params)
   assert not model.training
   with torch.inference_mode():
@@ -73,14 +75,15 @@ def test_seed_params_are_our_initial_params_and_load():
   config = digits.get_config()
   params = peer.seed_params(config)
   flat = traverse_util.flatten_dict(params, sep="/")
-  assert set(flat) == set(convert.variable_shapes(config))
+  assert set(flat) == set(matching.variable_shapes(config))
   state_dict = peer.build_model(config, params).state_dict()
   np.testing.assert_array_equal(state_dict["conv_in.weight"].numpy(),
                                 flat["conv_in/kernel"].transpose(3, 2, 0, 1))
-  from ddpm_jax import train_program, train_state
+  from ddpm_jax.training import program
+  from ddpm_jax.training import state as state_lib
 
-  state = jax.jit(lambda rng: train_program.init_train_state(
-    config, factories.create_model(config), train_state.make_optimizer(config.optim), rng))(
+  state = jax.jit(lambda rng: program.init_train_state(
+    config, model_bundle.create_model(config), state_lib.make_optimizer(config.optim), rng))(
     jax.random.PRNGKey(config.training.seed))
   for path, value in traverse_util.flatten_dict(jax.device_get(state.params), sep="/").items():
     np.testing.assert_array_equal(flat[path], value, err_msg=path)

@@ -12,13 +12,17 @@ import pytest
 import safetensors
 import safetensors.numpy
 import tensorflow as tf
+import torch_writer
 from conftest import tiny_digits_config
 from flax import traverse_util
 
 from configs import cifar10
-from ddpm_jax import checkpointing, convert, factories, sample, train
-from ddpm_jax.metrics import torch_pickle
+from ddpm_jax import convert, model_bundle
+from ddpm_jax.checkpoints import checkpointer
 from ddpm_jax.models import get_timestep_embedding
+from ddpm_jax.training import loop as train_loop
+from ddpm_jax.weights import diffusers as diffusers_weights
+from ddpm_jax.weights import files, matching, tf1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TF1 = tf.compat.v1
@@ -37,7 +41,7 @@ def random_params(config, seed: int) -> dict:
   """Random params of the config's U-Net: no layer near zero or identity (numpy draws)."""
   rng = np.random.default_rng(seed)
   flat = {}
-  for path, leaf in convert.variable_shapes(config).items():
+  for path, leaf in matching.variable_shapes(config).items():
     fan_in = math.prod(leaf.shape[:-1]) if path.endswith("/kernel") else 1
     value = rng.normal(size=leaf.shape) / math.sqrt(fan_in) * (1.0 if fan_in > 1 else 0.1)
     flat[path] = (value + (path.endswith("/scale"))).astype(np.float32)
@@ -64,7 +68,7 @@ def inputs(config, batch: int = 2, seed: int = 3):
 
 
 def apply(config, params, x, t) -> np.ndarray:
-  return np.asarray(jax.jit(factories.create_model(config).apply)({"params": params}, x, t))
+  return np.asarray(jax.jit(model_bundle.create_model(config).apply)({"params": params}, x, t))
 
 
 # -- The original's names, written out independently of ddpm_jax. -----------------------------
@@ -132,13 +136,13 @@ def original_variable_shapes(ch, ch_mult, num_res_blocks, attn_resolutions, reso
 
 def test_cifar10_names_and_shapes_are_the_original_328_variables():
   expected = original_variable_shapes(128, (1, 2, 2, 2), 2, (16,), 32, 3, 3)
-  ours = convert.variable_shapes(cifar10.get_config())
+  ours = matching.variable_shapes(cifar10.get_config())
   assert len(ours) == len(expected) == 328
-  assert {convert.tf_name(p): tuple(s.shape) for p, s in ours.items()} == expected
+  assert {tf1.tf_name(p): tuple(s.shape) for p, s in ours.items()} == expected
   assert sum(math.prod(s) for s in expected.values()) == 35_746_307
-  assert all(convert.path_from_tf_name(convert.tf_name(p)) == p for p in ours)
-  assert convert.tf_name("down_1/attn_0/norm/scale") == "model/down_1/attn_0/norm/gamma"
-  assert convert.tf_name("up_3/block_0/nin_shortcut/kernel") == "model/up_3/block_0/nin_shortcut/W"
+  assert all(tf1.path_from_tf_name(tf1.tf_name(p)) == p for p in ours)
+  assert tf1.tf_name("down_1/attn_0/norm/scale") == "model/down_1/attn_0/norm/gamma"
+  assert tf1.tf_name("up_3/block_0/nin_shortcut/kernel") == "model/up_3/block_0/nin_shortcut/W"
   assert expected["model/up_3/block_0/nin_shortcut/W"] == (512, 256)
 
 
@@ -180,7 +184,7 @@ def tf_checkpoint(tmp_path_factory):
   config = tiny_config()
   raw, ema = random_params(config, 0), random_params(config, 1)
   directory = str(tmp_path_factory.mktemp("tf1"))
-  prefix = write_tf1_checkpoint(directory, convert.to_tf_names(raw), convert.to_tf_names(ema), 1234)
+  prefix = write_tf1_checkpoint(directory, tf1.to_tf_names(raw), tf1.to_tf_names(ema), 1234)
   return prefix, raw, ema
 
 
@@ -189,7 +193,7 @@ def test_tf1_checkpoint_imports_the_ema_weights_exactly(tf_checkpoint):
   names = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
   assert "model/down_1/attn_0/q/W/ExponentialMovingAverage" in names  # TF's own EMA naming.
   assert "model/conv_in/W/Adam" in names and "global_step" in names  # Ignored by the import.
-  assert prefix.endswith("model.ckpt-1234") and convert.tf_checkpoint_step(prefix) == 1234
+  assert prefix.endswith("model.ckpt-1234") and tf1.tf_checkpoint_step(prefix) == 1234
   assert_params_equal(convert.from_tf_checkpoint(prefix, tiny_config()), ema)
   assert_params_equal(convert.from_tf_checkpoint(os.path.dirname(prefix), tiny_config()), ema)
   assert_params_equal(convert.from_tf_checkpoint(prefix, tiny_config(), use_ema=False), raw)
@@ -210,7 +214,7 @@ def test_a_corrupt_tf_checkpoint_ends_in_one_line_naming_it(tmp_path):
 def test_tf1_checkpoint_without_ema_copies_imports_the_raw_weights(tmp_path):
   config = tiny_config()
   raw = random_params(config, 4)
-  prefix = write_tf1_checkpoint(str(tmp_path), convert.to_tf_names(raw), None, 7)
+  prefix = write_tf1_checkpoint(str(tmp_path), tf1.to_tf_names(raw), None, 7)
   assert_params_equal(convert.from_tf_checkpoint(prefix, config), raw)
 
 
@@ -284,9 +288,9 @@ def test_imported_model_matches_the_original_forward_pass(tf_checkpoint):
   prefix, _, ema = tf_checkpoint
   config = tiny_config()
   reader = tf.train.load_checkpoint(prefix)
-  original = {name[:-len(convert.EMA_SUFFIX)]: reader.get_tensor(name)
+  original = {name[:-len(tf1.EMA_SUFFIX)]: reader.get_tensor(name)
               for name in reader.get_variable_to_shape_map()
-              if name.endswith(convert.EMA_SUFFIX)}
+              if name.endswith(tf1.EMA_SUFFIX)}
   x, t = inputs(config)
   reference = tf_reference_unet(original, x, t, 32, (1, 2), 1, (8,))
   ours = apply(config, convert.from_tf_checkpoint(prefix, config), x, t)
@@ -321,9 +325,9 @@ def test_mismatched_weights_end_in_one_message_naming_every_problem(tf_checkpoin
 
 def test_the_error_names_the_config_of_full_size_weights():
   """A CIFAR-10 state dict (shapes only) against the wrong config names configs/cifar10.py."""
-  shapes = convert.variable_shapes(cifar10.get_config())
-  state_dict = {convert.diffusers_key(p, 4): np.broadcast_to(
-    np.float32(0), convert.torch_shape(p, tuple(s.shape))) for p, s in shapes.items()}
+  shapes = matching.variable_shapes(cifar10.get_config())
+  state_dict = {diffusers_weights.diffusers_key(p, 4): np.broadcast_to(
+    np.float32(0), diffusers_weights.torch_shape(p, tuple(s.shape))) for p, s in shapes.items()}
   with pytest.raises(convert.ConversionError, match=r"with --config=configs/cifar10\.py\.$"):
     convert.from_diffusers(state_dict, tiny_config())
 
@@ -335,7 +339,7 @@ def test_the_error_names_the_config_of_full_size_weights():
 def test_diffusers_state_dict_round_trip(attention):
   config = tiny_config()
   params = random_params(config, 5)
-  state_dict = convert.to_diffusers_state_dict(params, attention)
+  state_dict = diffusers_weights.to_diffusers_state_dict(params, attention)
   assert state_dict["conv_in.weight"].shape == (32, 3, 3, 3)
   assert state_dict["time_embedding.linear_1.weight"].shape == (128, 32)
   assert state_dict["down_blocks.1.resnets.0.conv_shortcut.weight"].shape == (64, 32, 1, 1)
@@ -351,7 +355,7 @@ def test_diffusers_state_dict_round_trip(attention):
 
 def test_diffusers_mixed_attention_styles_are_refused():
   config = tiny_config()
-  state_dict = convert.to_diffusers_state_dict(random_params(config, 5), "new")
+  state_dict = diffusers_weights.to_diffusers_state_dict(random_params(config, 5), "new")
   state_dict["mid_block.attentions.0.query.weight"] = state_dict.pop(
     "mid_block.attentions.0.to_q.weight")
   with pytest.raises(convert.ConversionError, match="(?s)missing.*unexpected"):
@@ -371,18 +375,18 @@ def test_safetensors_round_trip_and_model_directory(tmp_path):
   safetensors.numpy.save_file(tensors, path, {"format": "pt"})
   with safetensors.safe_open(path, framework="numpy") as f:
     assert f.metadata() == {"format": "pt"} and f.get_slice("c").get_dtype() == "BF16"
-  header = convert.weights_header(path)
+  header = files.weights_header(path)
   assert header == {name: (value.shape, value.dtype.newbyteorder("="))
                     for name, value in tensors.items()}
-  loaded = convert.read_weights(path)
+  loaded = files.read_weights(path)
   assert sorted(loaded) == sorted(tensors)
   for name, value in tensors.items():
     assert loaded[name].dtype == value.dtype.newbyteorder("=") and loaded[name].shape == value.shape
     np.testing.assert_array_equal(loaded[name], value)
-  assert list(convert.read_weights(path, {"c": (2, 3)})) == ["c"]  # Only what is asked for.
+  assert list(files.read_weights(path, {"c": (2, 3)})) == ["c"]  # Only what is asked for.
   with pytest.raises(convert.ConversionError, match=r"w\.safetensors: tensor 'c' has shape "
                      r"\(2, 3\), expected \(3, 2\)\.$"):
-    convert.read_weights(path, {"c": (3, 2)})
+    files.read_weights(path, {"c": (3, 2)})
   with open(path, "rb") as f:
     raw = f.read()
   assert np.arange(6, dtype="<i8").tobytes() in raw  # "d" is stored little-endian.
@@ -390,13 +394,13 @@ def test_safetensors_round_trip_and_model_directory(tmp_path):
     f.write(raw[:-4])
   with pytest.raises(convert.ConversionError, match=r"w\.safetensors: not a readable weights file "
                      r"\(SafetensorError: .*file not fully covered\)$"):
-    convert.read_weights(path)
+    files.read_weights(path)
 
   config = tiny_config()
   params = random_params(config, 6)
   model_dir = tmp_path / "ddpm"
   model_dir.mkdir()
-  safetensors.numpy.save_file(convert.to_diffusers_state_dict(params, "old"),
+  safetensors.numpy.save_file(diffusers_weights.to_diffusers_state_dict(params, "old"),
                               str(model_dir / "diffusion_pytorch_model.safetensors"))
   assert_params_equal(
     convert.from_diffusers(convert.load_diffusers_state_dict(str(model_dir)), config), params)
@@ -408,12 +412,12 @@ def test_a_diffusers_model_directory_becomes_a_checkpoint_at_step_0(tmp_path):
   config = tiny_digits_config()
   params = random_params(config, 9)
   (tmp_path / "model").mkdir()
-  safetensors.numpy.save_file(convert.to_diffusers_state_dict(params),
+  safetensors.numpy.save_file(diffusers_weights.to_diffusers_state_dict(params),
                               str(tmp_path / "model" / "diffusion_pytorch_model.safetensors"))
   workdir = str(tmp_path / "workdir")
   assert convert.convert("diffusers", str(tmp_path / "model"), config, workdir) == os.path.join(
     workdir, "checkpoints", "0")
-  restored, step = sample.restore_ema_params(config, workdir)
+  restored, step = model_bundle.ModelBundle.from_config(config).load_ema_params(workdir)
   assert step == 0
   assert_params_equal(jax.device_get(restored), params)
   with pytest.raises(FileExistsError, match="checkpoints/0 already exists"):
@@ -422,7 +426,7 @@ def test_a_diffusers_model_directory_becomes_a_checkpoint_at_step_0(tmp_path):
     convert.convert("diffusers", __file__, config, workdir, step=1)
   # The older torch .bin files are read without torch too.
   bin_path = str(tmp_path / "diffusion_pytorch_model.bin")
-  torch_pickle.save_state_dict(bin_path, convert.to_diffusers_state_dict(params, "old"))
+  torch_writer.save_state_dict(bin_path, diffusers_weights.to_diffusers_state_dict(params, "old"))
   assert_params_equal(convert.from_diffusers(convert.load_diffusers_state_dict(bin_path), config),
                       params)
 
@@ -446,8 +450,8 @@ def test_diffusers_unet2d_model_gives_our_outputs():
   full = diffusers.UNet2DModel(**ddpm_unet2d_config(
     (128, 256, 256, 256), ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), 2, 32))
-  ours = {convert.diffusers_key(p, 4): convert.torch_shape(p, tuple(s.shape))
-          for p, s in convert.variable_shapes(cifar10.get_config()).items()}
+  ours = {diffusers_weights.diffusers_key(p, 4): diffusers_weights.torch_shape(p, tuple(s.shape))
+          for p, s in matching.variable_shapes(cifar10.get_config()).items()}
   assert {k: tuple(v.shape) for k, v in full.state_dict().items()} == ours
   del full
 
@@ -488,8 +492,8 @@ def run_convert(*args, cwd=REPO) -> subprocess.CompletedProcess:
 def test_command_line_writes_a_checkpoint_that_sampling_loads(tmp_path):
   config = tiny_digits_config()  # 8x8x1, ch 32, ch_mult (1, 2), one ResBlock, attention at 4x4.
   raw, ema = random_params(config, 7), random_params(config, 8)
-  prefix = write_tf1_checkpoint(str(tmp_path), convert.to_tf_names(raw),
-                                convert.to_tf_names(ema), 790000)
+  prefix = write_tf1_checkpoint(str(tmp_path), tf1.to_tf_names(raw),
+                                tf1.to_tf_names(ema), 790000)
   workdir = str(tmp_path / "workdir")
   # Relative paths are made absolute at the command line (Orbax wants absolute ones).
   args = ["--source=tf", f"--input={os.path.relpath(prefix, tmp_path)}",
@@ -500,12 +504,12 @@ def test_command_line_writes_a_checkpoint_that_sampling_loads(tmp_path):
   assert f"Wrote {workdir}/checkpoints/790000. Sample with: " in done.stdout
   assert done.stdout.rstrip().endswith(f" --workdir={workdir}")
 
-  loop = train.TrainLoop(config, workdir)
-  restored, step = sample.restore_ema_params(config, workdir, loop)
+  loop = train_loop.TrainLoop(config, workdir)
+  restored, step = loop.bundle.load_ema_params(workdir)
   assert step == 790000
   assert_params_equal(jax.device_get(restored), ema)
-  abstract = checkpointing.abstract_state(loop.init_fn, checkpointing.replicated_sharding())
-  with checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, every_steps=0,
+  abstract = checkpointer.abstract_state(loop.init_fn, checkpointer.replicated_sharding())
+  with checkpointer.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, every_steps=0,
                                   read_only=True) as ckpt:
     state = ckpt.restore(abstract)
   assert int(state.step) == 790000

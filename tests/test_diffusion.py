@@ -52,7 +52,8 @@ def test_cosine_schedule_follows_nichol_dhariwal():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(name="sigmoid"), "beta_schedule 'sigmoid'.*allowed: linear, quad"),
+        (dict(name="sigmoid"),
+         "beta_schedule='sigmoid' is not allowed: allowed values are linear, quad"),
         (dict(name="linear", beta_start=0.0), "0 < beta <= 1"),
         (dict(name="linear", beta_end=1.5), "0 < beta <= 1"),
     ],
@@ -67,9 +68,9 @@ def test_bad_schedules_raise(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(model_mean_type="v"), "model_mean_type 'v'.*eps, xstart, xprev"),
-        (dict(model_var_type="big"), "model_var_type 'big'.*fixedlarge"),
-        (dict(loss_type="l1"), "loss_type 'l1'.*mse, kl, hybrid"),
+        (dict(model_mean_type="v"), "model_mean_type='v'.*eps, xstart, xprev"),
+        (dict(model_var_type="big"), "model_var_type='big'.*fixedlarge"),
+        (dict(loss_type="l1"), "loss_type='l1'.*mse, kl, hybrid"),
         (dict(model_var_type="learned", loss_type="mse"), "'mse' cannot train.*'learned'"),
         (dict(model_var_type="fixedsmall", loss_type="hybrid"), "'hybrid' needs a learned"),
     ],

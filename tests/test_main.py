@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train import REPO, subprocess_env
+from conftest import REPO, subprocess_env
 
 from ddpm_jax import file_io, main
 

@@ -2,8 +2,10 @@
 
 Each notebook runs once per module in its own kernel (the interpreter running pytest) with
 DDPM_NOTEBOOK_SMALL=1 (tiny settings, no download) on one CPU device, in a temporary working
-directory, so nothing is written into the repository. The cells are found by the stable ids that
-notebooks/_build.py gives them.
+directory, so nothing is written into the repository. The cells are found by their `cell_id`
+metadata (`# %% cell_id="train"` in the notebook's jupytext source notebooks/<name>.py), which
+jupytext keeps; nbformat's cell ids it does not. Faster tests check that each .ipynb is what
+jupytext makes of its source, that no placeholder is left, and the install cell's three paths.
 """
 
 import base64
@@ -13,8 +15,11 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
 
+import jupytext
 import nbformat
 import numpy as np
 import pytest
@@ -25,6 +30,9 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
+NAMES = ("quickstart", "sample_official_weights", "diffusion_explained")
+# The command that writes notebooks/*.ipynb from notebooks/*.py (notebooks/README.md).
+REGENERATE = "jupytext --update --to ipynb notebooks/*.py"
 KERNEL_NAME = "ddpm_jax_test_python"
 CELL_TIMEOUT_S = 300
 
@@ -48,6 +56,8 @@ def kernel_env(tmp_path) -> dict[str, str]:
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env.update(
       DDPM_NOTEBOOK_SMALL="1",
+      # The repository's configs/ and ddpm_jax/ first, as pytest's own sys.path has them.
+      PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
       JAX_PLATFORMS="cpu",
       XLA_FLAGS=flags.strip(),
       TF_CPP_MIN_LOG_LEVEL="2",
@@ -91,9 +101,14 @@ diffusion_explained = run_in_tmp("diffusion_explained")
 # -- Reading outputs. --------------------------------------------------------------------------
 
 
-def cell(nb, cell_id: str):
-  matches = [c for c in nb.cells if c.get("id") == cell_id]
-  assert len(matches) == 1, f"no cell with id {cell_id!r}"
+def cell_id(c) -> str | None:
+  """The name a cell has in its metadata: `# %% cell_id="..."` in the jupytext source."""
+  return c.metadata.get("cell_id")
+
+
+def cell(nb, name: str):
+  matches = [c for c in nb.cells if cell_id(c) == name]
+  assert len(matches) == 1, f"{len(matches)} cells with cell_id {name!r}"
   return matches[0]
 
 
@@ -116,7 +131,7 @@ def number(text: str, pattern: str) -> float:
 
 
 def assert_no_errors(nb):
-  errors = [(c.get("id"), o.get("ename"), o.get("evalue")) for c in nb.cells
+  errors = [(cell_id(c), o.get("ename"), o.get("evalue")) for c in nb.cells
             if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
   assert not errors
   assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
@@ -127,20 +142,93 @@ def grid_size(n: int, size: int = 8, scale: int = 6, padding: int = 2) -> int:
   return (cols * (size + padding) + padding) * scale
 
 
-# -- The notebooks are what _build.py makes. ---------------------------------------------------
+# -- The notebooks are what jupytext makes of their sources. ----------------------------------
 
 
-def test_notebooks_are_up_to_date_with_the_build_script():
-  spec = importlib.util.spec_from_file_location("notebooks_build", os.path.join(NOTEBOOKS,
-                                                                              "_build.py"))
-  build = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(build)
-  for name in build.NOTEBOOKS:
-    with open(os.path.join(NOTEBOOKS, f"{name}.ipynb"), encoding="utf-8") as f:
-      assert f.read() == build.render(name), f"run python notebooks/_build.py ({name} is stale)"
-    nb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
-    assert nb.cells[1].id == "params" and "DDPM_NOTEBOOK_SMALL" in nb.cells[1].source
-    assert all(not c.get("outputs") for c in nb.cells), f"{name} is stored with outputs"
+def read_ipynb(name: str) -> nbformat.NotebookNode:
+  return nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
+
+
+def from_source(name: str) -> nbformat.NotebookNode:
+  """notebooks/<name>.ipynb as `jupytext --to ipynb` writes it from notebooks/<name>.py."""
+  source = jupytext.read(os.path.join(NOTEBOOKS, f"{name}.py"))
+  return nbformat.reads(jupytext.writes(source, fmt="ipynb"), as_version=4)
+
+
+def test_each_notebook_has_its_source():
+  files = os.listdir(NOTEBOOKS)
+  assert sorted(f for f in files if f.endswith(".ipynb")) == sorted(f"{n}.ipynb" for n in NAMES)
+  # Every .py is a notebook source, so the command in notebooks/README.md stays right.
+  assert sorted(f for f in files if f.endswith(".py")) == sorted(f"{n}.py" for n in NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_is_in_sync_with_its_source(name):
+  stored, expected = read_ipynb(name), from_source(name)
+  stale = (f"notebooks/{name}.ipynb differs from notebooks/{name}.py: regenerate it with "
+           f"`{REGENERATE}` from the repository root (see notebooks/README.md)")
+  summary = lambda nb: [(c.cell_type, c.metadata, c.source) for c in nb.cells]
+  assert summary(stored) == summary(expected), stale
+  assert stored.metadata == expected.metadata, stale  # Colab's runtime and accelerator.
+  assert all(not c.get("outputs") and not c.get("execution_count") for c in stored.cells), (
+      f"notebooks/{name}.ipynb is stored with outputs: {stale}")
+  names = [cell_id(c) for c in stored.cells if cell_id(c)]
+  assert len(names) == len(set(names)), f"{name}: cell_id names repeat: {names}"
+  assert cell_id(stored.cells[1]) == "params" and "DDPM_NOTEBOOK_SMALL" in stored.cells[1].source
+
+
+PLACEHOLDER = re.compile(r"<(org|owner|user|username|repo_url|your[^>]*)>|\b(TODO|FIXME|XXX)\b",
+                         re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_has_no_placeholders_or_broken_links(name):
+  for ext in ("py", "ipynb"):
+    with open(os.path.join(NOTEBOOKS, f"{name}.{ext}"), encoding="utf-8") as f:
+      found = [m.group(0) for m in PLACEHOLDER.finditer(f.read())]
+    assert not found, f"notebooks/{name}.{ext} has placeholders: {found}"
+  for c in read_ipynb(name).cells:
+    if c.cell_type == "markdown":
+      for target in re.findall(r"\]\(([^)]*)\)", c.source):
+        assert re.fullmatch(r"https://[^\s<>]+", target), f"{name}: link to {target!r}"
+
+
+def run_install_cell(name: str, monkeypatch, *, cwd, repo_url: str, importable: bool):
+  """Runs the notebook's install cell with pip and git faked; returns the commands it ran."""
+  real_find_spec, commands = importlib.util.find_spec, []
+
+  def find_spec(module, package=None):
+    installed = any("pip" in command for command in commands)
+    if module in ("ddpm_jax", "configs") and not (importable or installed):
+      return None
+    return real_find_spec(module, package)
+
+  monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+  monkeypatch.setattr(subprocess, "check_call", commands.append)
+  monkeypatch.setattr(shutil, "which", lambda command: None)  # No nvidia-smi: the cpu extra.
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.chdir(cwd)
+  exec(cell(read_ipynb(name), "install").source, {"os": os, "REPO_URL": repo_url})
+  return commands
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_install_cell(name, monkeypatch, tmp_path):
+  pip = [sys.executable, "-m", "pip", "install", "-q"]
+  assert 'REPO_URL = ""' in cell(read_ipynb(name), "params").source  # No URL is published.
+  # Importable: nothing to install.
+  assert run_install_cell(name, monkeypatch, cwd=tmp_path, repo_url="", importable=True) == []
+  # Inside a checkout: an editable install of it, importable at once with its configs/.
+  commands = run_install_cell(name, monkeypatch, cwd=NOTEBOOKS, repo_url="", importable=False)
+  assert commands == [[*pip, "-e", f"{REPO}[cpu]"]] and sys.path[0] == REPO
+  # Elsewhere (Colab): a clone of REPO_URL (for configs/ too), or one message saying to set it.
+  url = "https://example.com/ddpm_jax.git"
+  clone = str(tmp_path / "ddpm_jax_repo")
+  commands = run_install_cell(name, monkeypatch, cwd=tmp_path, repo_url=url, importable=False)
+  assert commands == [["git", "clone", "--depth=1", url, clone], [*pip, "-e", f"{clone}[cpu]"]]
+  assert sys.path[0] == clone
+  with pytest.raises(ValueError, match="set REPO_URL in the first cell to the git URL"):
+    run_install_cell(name, monkeypatch, cwd=tmp_path, repo_url="", importable=False)
 
 
 # -- quickstart.ipynb. -------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from test_train import REPO, subprocess_env
+from conftest import REPO, subprocess_env
 
 TINY_STEPS = ["--config.diffusion.num_timesteps=20", "--config.training.log_every=2",
               "--config.training.checkpoint_every_steps=2", "--config.training.sample_every=4",

@@ -3,15 +3,13 @@
 All take x [B, H, W, C] (NHWC) and a kernel [3, 3, C, O] (HWIO), explicit padding and a stride,
 and give the same result (up to float summation order). They differ only in the kernels XLA runs:
   "xla"              lax.conv_general_dilated and its autodiff transposes. The default, and the
-                     form for TPU and GPU. On CPU it is the fastest too, with the XLA flags that
-                     `ddpm_jax.xla_flags` sets: Eigen convolution thunks instead of YNNPACK
-                     ones. CIFAR-10 train step on 2 cores: 1.4-1.5x.
+                     form for TPU and GPU; on CPU the fastest too, with the XLA flags that
+                     `ddpm_jax.runtime.xla_flags` sets (Eigen convolution thunks, not YNNPACK).
   "xla_matmul_grad"  the same forward and input gradient, but for inputs of at least 32x32 the
                      kernel gradient as nine matmuls, one per tap: dW[i, j] = shift_ij(x)^T g.
-                     Under XLA:CPU's default YNNPACK convolutions (without `ddpm_jax.xla_flags`)
-                     the kernel gradient is a slow convolution with an H x W window, and this
-                     form made the CIFAR-10 step 1.14x faster. With the flags it is slower than
-                     "xla": 0.78-0.93x in two full benchmark runs.
+                     It helps only under XLA:CPU's default YNNPACK convolutions (without those
+                     flags), where the kernel gradient is a slow convolution with an H x W
+                     window.
   "shifted_matmul"   the whole convolution as one matmul over the nine shifted views of x
                      (im2col), accumulated in float32 (`preferred_element_type`): on CPUs with
                      bfloat16 matrix units (AMX) this is what reaches them.
@@ -27,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 CONV_IMPLS = ("xla", "xla_matmul_grad", "shifted_matmul")
-MATMUL_GRAD_MIN_PIXELS = 32 * 32  # Smaller inputs keep XLA's kernel gradient (measured faster).
+MATMUL_GRAD_MIN_PIXELS = 32 * 32  # Smaller inputs keep XLA's kernel gradient (faster for them).
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _NHWC = ("NHWC", "HWIO", "NHWC")
 

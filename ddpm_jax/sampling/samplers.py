@@ -1,0 +1,167 @@
+"""Samplers over every device: each device runs the reverse chain on its share of the keys.
+
+A `SamplerSpec` names what the chain does; `make_sample_fn` (fixed batches, `--mode=sample`) and
+`make_sampler` (any number of samples, the training grids) run it sharded over the mesh. Sample i
+draws all its noise from `sample_keys`' key i, so it depends on nothing but (seed, i).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from ddpm_jax import parallel
+from ddpm_jax.diffusion import GaussianDiffusion
+from ddpm_jax.parallel import AXIS
+from ddpm_jax.runtime import xla_flags
+
+
+def sample_keys(rng: jax.Array, start: int, count: int) -> jax.Array:
+  """Keys `[count, 2]` for global sample indices start..start+count-1: sample i depends only on
+  (rng, i), never on the batch or device it is drawn on."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.arange(start, start + count))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """What the reverse chain does: `sampler` ('ancestral' | 'ddim'), steps, eta, clipping."""
+
+  sampler: str
+  num_steps: int
+  eta: float
+  clip_denoised: bool = True
+
+  @classmethod
+  def from_config(cls, sample: ml_collections.ConfigDict, num_timesteps: int) -> SamplerSpec:
+    """The spec of a (validated) `config.sample`. `ancestral` with `num_steps` >= T is Algorithm
+    2 itself; with fewer steps it is the strided ancestral sampler, DDIM with eta = 1."""
+    if sample.sampler == "ancestral":
+      return cls("ancestral", min(sample.num_steps, num_timesteps), 1.0,
+                 bool(sample.clip_denoised))
+    return cls("ddim", sample.num_steps, float(sample.eta), bool(sample.clip_denoised))
+
+  def dirname(self, step: int, seed: int) -> str:
+    """The output directory name, e.g. `samples_step800000_ddim_50steps_eta0_seed1`."""
+    eta = "" if self.sampler == "ancestral" else f"_eta{self.eta:g}"
+    clip = "" if self.clip_denoised else "_noclip"
+    return f"samples_step{step}_{self.sampler}_{self.num_steps}steps{eta}_seed{seed}{clip}"
+
+
+def make_chain_fn(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
+  """`chain(model_fn, shape, keys [B, 2]) -> x0 [B, H, W, C]` for the sampler of `spec`."""
+  if spec.sampler == "ancestral" and spec.num_steps == diffusion.num_timesteps:
+    return lambda model_fn, shape, keys: diffusion.p_sample_loop(
+        model_fn, shape, keys, spec.clip_denoised)
+  return lambda model_fn, shape, keys: diffusion.ddim_sample_loop(
+      model_fn, shape, keys, num_steps=spec.num_steps, eta=spec.eta,
+      clip_denoised=spec.clip_denoised)
+
+
+class ChainProgress:
+  """Logs how far the reverse chains of a call have come, with an ETA (a host callback)."""
+
+  def __init__(self, num_timesteps: int, num_reports: int = 10):
+    self.num_timesteps = num_timesteps
+    self.every = max(1, num_timesteps // num_reports)
+    self.start("Sampling")
+
+  def start(self, what: str) -> None:
+    """Starts the clock of a call whose log lines begin with `what`."""
+    self.what, self._start, self._last_t = what, time.monotonic(), None
+
+  def __call__(self, t: np.ndarray) -> None:
+    """Called by every device at each step t divisible by `every`; logs each t once."""
+    t = int(t)
+    if self._last_t is not None and t >= self._last_t:
+      return
+    self._last_t = t
+    done, elapsed = self.num_timesteps - t, time.monotonic() - self._start
+    logging.info("%s: %d of %d reverse steps, %.0f s, ETA %.0f s.", self.what, done,
+                 self.num_timesteps, elapsed, elapsed * t / done)
+
+
+def _report_progress(progress: ChainProgress, t: jax.Array) -> None:
+  jax.lax.cond(t % progress.every == 0, lambda: jax.debug.callback(progress, t), lambda: None)
+
+
+def _sharded_chain(model: nn.Module, mesh: Mesh, image_shape: tuple[int, int, int],
+                   chain: Callable, progress: ChainProgress | None = None
+                   ) -> Callable[[Any, jax.Array], np.ndarray]:
+  """`run(params, keys [N, 2] sharded over the mesh) -> images [N, H, W, C]` (numpy, gathered
+  on every process): each device runs `chain` on its share of the keys, calling `progress` at
+  the steps it reports."""
+
+  def per_device(params, keys):
+    def model_fn(x, t):
+      if progress is not None:
+        _report_progress(progress, t[0])
+      return model.apply({"params": params}, x, t, train=False)
+
+    return chain(model_fn, (keys.shape[0], *image_shape), keys)
+
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
+                                 out_specs=P(AXIS)),
+                   compiler_options=xla_flags.inference_compiler_options(parallel.platform(mesh)))
+  return lambda params, keys: np.asarray(
+      multihost_utils.process_allgather(mapped(params, keys), tiled=True))
+
+
+def make_sampler(
+    diffusion: GaussianDiffusion,
+    model: nn.Module,
+    mesh: Mesh,
+    image_shape: tuple[int, int, int],
+    clip_denoised: bool = True,
+    progress: ChainProgress | None = None,
+) -> Callable[[Any, jax.Array], np.ndarray]:
+  """Returns `sample(params, keys [N, 2]) -> images [N, H, W, C]` in [-1, 1] (float32 numpy):
+  Algorithm 2 through all T steps, reporting to `progress` if given (start it before a call).
+
+  The N chains are spread over the mesh; N need not divide the device count (keys are padded).
+  """
+  spec = SamplerSpec("ancestral", diffusion.num_timesteps, 1.0, clip_denoised)
+  run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec), progress)
+  devices = mesh.devices.size
+
+  def sample(params, keys):
+    size = parallel.round_up(keys.shape[0], devices)
+    return parallel.pad_unpad(lambda k: run(params, parallel.shard_rows(k, mesh)), size)(keys)
+
+  return sample
+
+
+def make_sample_fn(
+    diffusion: GaussianDiffusion,
+    model: nn.Module,
+    mesh: Mesh,
+    image_shape: tuple[int, int, int],
+    spec: SamplerSpec,
+    batch_size: int,
+) -> Callable[[Any, np.ndarray], np.ndarray]:
+  """Returns `sample(params, keys [n, 2]) -> images [n, H, W, C]` float32 in [-1, 1] (numpy).
+
+  n <= batch_size; the keys are padded to batch_size rounded up to the device count, so every
+  call runs the one compiled program. `params` must be replicated over `mesh`. Every process
+  calls it with the same keys and gets all n images.
+  """
+  run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec))
+  padded = parallel.round_up(batch_size, mesh.devices.size)
+
+  def sample(params, keys):
+    if not 0 < keys.shape[0] <= batch_size:
+      raise ValueError(f"Got {keys.shape[0]} keys; this sampler takes 1 to {batch_size}.")
+    return parallel.pad_unpad(lambda k: run(params, parallel.shard_rows(k, mesh)), padded)(keys)
+
+  return sample
