@@ -52,12 +52,24 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
 def _settings(config: ml_collections.ConfigDict, **extra) -> dict[str, Any]:
   m = config.model
   return dict(
-    **extra, device=jax.devices()[0].device_kind, num_devices=jax.device_count(),
-    jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
-    python=platform.python_version(), precision=m.dtype, conv_impl=m.conv_impl, remat=m.remat,
+    **extra,
+    device=jax.devices()[0].device_kind,
+    num_devices=jax.device_count(),
+    jax=jax.__version__,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    python=platform.python_version(),
+    precision=m.dtype,
+    conv_impl=m.conv_impl,
+    remat=m.remat,
     image_shape=list(model_bundle.image_shape(config)),
-    model=dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
-               attn_resolutions=list(m.attn_resolutions), dropout=m.dropout))
+    model=dict(
+      ch=m.ch,
+      ch_mult=list(m.ch_mult),
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=list(m.attn_resolutions),
+      dropout=m.dropout,
+    ),
+  )
 
 
 def _inference_options() -> dict[str, str]:
@@ -84,10 +96,15 @@ def _train_program(config: ml_collections.ConfigDict, batch: int):
 def _abstract_step_inputs(program: TrainProgram, batch: int) -> tuple[Any, jax.ShapeDtypeStruct]:
   """(state, x) as shapes with the train step's shardings: lowers it without allocating."""
   replicated = parallel.replicated(program.mesh)
-  state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                       jax.eval_shape(program.init_fn))
-  x = jax.ShapeDtypeStruct((batch, *model_bundle.image_shape(program.config)), jnp.float32,
-                           sharding=parallel.batch_sharding(program.mesh))
+  state = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+    jax.eval_shape(program.init_fn),
+  )
+  x = jax.ShapeDtypeStruct(
+    (batch, *model_bundle.image_shape(program.config)),
+    jnp.float32,
+    sharding=parallel.batch_sharding(program.mesh),
+  )
   return state, x
 
 
@@ -124,13 +141,18 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, iters: int = 10) -> Resul
     out = mm(a, b)
   _block(out)
   seconds = (time.perf_counter() - start) / iters
-  return dict(value=2 * 2 * n * n * n / seconds / 1e9, unit="GFLOP/s",
-              settings=dict(shape=[2 * n, n, n], dtype=dtype, iters=iters,
-                            device=jax.devices()[0].device_kind))
+  return dict(
+    value=2 * 2 * n * n * n / seconds / 1e9,
+    unit="GFLOP/s",
+    settings=dict(
+      shape=[2 * n, n, n], dtype=dtype, iters=iters, device=jax.devices()[0].device_kind
+    ),
+  )
 
 
-def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int,
-                      warmup: int) -> Result:
+def train_steps_per_s(
+  config: ml_collections.ConfigDict, batch: int, steps: int, warmup: int
+) -> Result:
   """Steps/s of the train step; also FLOPs per step and their rate, per device: XLA's count of
   the compiled step (what ran, remat's recomputation included) and the model FLOPs."""
   compiled, state, x, compile_s = _train_program(config, batch)
@@ -144,23 +166,37 @@ def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int,
   seconds = (time.perf_counter() - start) / steps
   xla_flops = _xla_flops(compiled)
   model_flops = model_flops_per_step(config, batch)
-  return dict(value=1 / seconds, unit="steps/s", settings=_settings(
-    config, batch=batch, steps=steps, warmup_steps=warmup, images_per_s=batch / seconds,
-    compile_s=compile_s, flops_per_step=xla_flops, achieved_gflops=xla_flops / seconds / 1e9,
-    model_flops_per_step=model_flops, model_gflops_per_s=model_flops / seconds / 1e9,
-    final_loss=float(metrics["loss"])))
+  return dict(
+    value=1 / seconds,
+    unit="steps/s",
+    settings=_settings(
+      config,
+      batch=batch,
+      steps=steps,
+      warmup_steps=warmup,
+      images_per_s=batch / seconds,
+      compile_s=compile_s,
+      flops_per_step=xla_flops,
+      achieved_gflops=xla_flops / seconds / 1e9,
+      model_flops_per_step=model_flops,
+      model_gflops_per_s=model_flops / seconds / 1e9,
+      final_loss=float(metrics["loss"]),
+    ),
+  )
 
 
-def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: int,
-                         warmup: int) -> Result:
+def forward_images_per_s(
+  config: ml_collections.ConfigDict, batch: int, iters: int, warmup: int
+) -> Result:
   """Images/s of the U-Net forward pass (eval mode) at `batch`."""
   model = model_bundle.create_model(config)
   shape = (batch, *model_bundle.image_shape(config))
   x = jax.random.uniform(jax.random.PRNGKey(0), shape, jnp.float32, -1, 1)
   t = jnp.arange(batch, dtype=jnp.int32) % config.diffusion.num_timesteps
   params = jax.jit(model.init)(jax.random.PRNGKey(config.training.seed), x[:1], t[:1])["params"]
-  forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t),
-                    compiler_options=_inference_options())
+  forward = jax.jit(
+    lambda p, x, t: model.apply({"params": p}, x, t), compiler_options=_inference_options()
+  )
   for _ in range(max(warmup, 1)):
     _block(forward(params, x, t))
   start = time.perf_counter()
@@ -168,14 +204,25 @@ def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: i
     out = forward(params, x, t)
   _block(out)
   seconds = (time.perf_counter() - start) / iters
-  return dict(value=batch / seconds, unit="images/s",
-              settings=_settings(config, batch=batch, iters=iters, warmup=warmup,
-                                 compiler_options=_inference_options()))
+  return dict(
+    value=batch / seconds,
+    unit="images/s",
+    settings=_settings(
+      config, batch=batch, iters=iters, warmup=warmup, compiler_options=_inference_options()
+    ),
+  )
 
 
-def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, sampler: str,
-                        num_steps: int | None, timed_steps: int | None, eta: float,
-                        batch: int | None = None, max_seconds: float = 0.0) -> Result:
+def sample_images_per_s(
+  config: ml_collections.ConfigDict,
+  num_images: int,
+  sampler: str,
+  num_steps: int | None,
+  timed_steps: int | None,
+  eta: float,
+  batch: int | None = None,
+  max_seconds: float = 0.0,
+) -> Result:
   """Images/s of `num_images` samples by the `--mode=sample` sampler, in batches of `batch`
   (default: all in one), after one untimed batch that compiles. With `max_seconds` > 0 it stops
   after the batch that crosses it and reports the rate of the images done (settings say how many).
@@ -188,17 +235,20 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, samp
   model = model_bundle.create_model(config)
   shape = (batch, *model_bundle.image_shape(config))
   params = jax.jit(model.init)(
-    jax.random.PRNGKey(config.training.seed), jnp.zeros((1, *shape[1:])),
-    jnp.zeros((1,), jnp.int32))["params"]
+    jax.random.PRNGKey(config.training.seed), jnp.zeros((1, *shape[1:])), jnp.zeros((1,), jnp.int32)
+  )["params"]
   num_steps = num_steps or diffusion.num_timesteps
   spec = samplers.SamplerSpec(sampler, num_steps, 1.0 if sampler == "ancestral" else eta)
   keys = np.asarray(jax.random.split(jax.random.PRNGKey(config.sample.seed), num_images))
   extrapolated, timed = None, num_images
   if timed_steps and sampler == "ancestral" and timed_steps < num_steps:
+
     def chain(params, x, rng):
       def model_fn(x, t):
         return model.apply({"params": params}, x, t)
+
       return diffusion.p_sample_loop_from(model_fn, x, timed_steps - 1, rng)
+
     run = jax.jit(chain, compiler_options=_inference_options())
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     compile_start = time.perf_counter()
@@ -218,17 +268,30 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int, samp
     compile_s = time.perf_counter() - compile_start  # Includes one full chain.
     start, timed = time.perf_counter(), 0
     for first in range(0, num_images, batch):
-      images = sample_fn(params, keys[first:first + batch])
+      images = sample_fn(params, keys[first : first + batch])
       if not np.isfinite(images).all():
         raise RuntimeError("non-finite samples")
       timed += len(images)
       if max_seconds and time.perf_counter() - start > max_seconds:
         break
     seconds = time.perf_counter() - start
-  return dict(value=timed / seconds, unit="images/s", settings=_settings(
-    config, num_images=num_images, num_images_timed=timed, batch=batch, sampler=sampler,
-    num_steps=num_steps, eta=spec.eta, extrapolated_from_steps=extrapolated,
-    chain_seconds=seconds, first_call_s=compile_s, compiler_options=_inference_options()))
+  return dict(
+    value=timed / seconds,
+    unit="images/s",
+    settings=_settings(
+      config,
+      num_images=num_images,
+      num_images_timed=timed,
+      batch=batch,
+      sampler=sampler,
+      num_steps=num_steps,
+      eta=spec.eta,
+      extrapolated_from_steps=extrapolated,
+      chain_seconds=seconds,
+      first_call_s=compile_s,
+      compiler_options=_inference_options(),
+    ),
+  )
 
 
 def compile_seconds(config: ml_collections.ConfigDict, batch: int, cache_dir: str) -> Result:
@@ -238,9 +301,17 @@ def compile_seconds(config: ml_collections.ConfigDict, batch: int, cache_dir: st
   if cache_dir:
     compilation_cache.enable(cache_dir, min_compile_secs=0.0)
   _, _, _, seconds = _train_program(config, batch)
-  return dict(value=seconds, unit="s", settings=_settings(
-    config, batch=batch, cache_dir=cache_dir or None, cache_entries_before=entries_before,
-    cache_entries_after=_count_files(cache_dir)))
+  return dict(
+    value=seconds,
+    unit="s",
+    settings=_settings(
+      config,
+      batch=batch,
+      cache_dir=cache_dir or None,
+      cache_entries_before=entries_before,
+      cache_entries_after=_count_files(cache_dir),
+    ),
+  )
 
 
 def _count_files(directory: str) -> int:
@@ -259,12 +330,23 @@ def peak_memory_bytes(config: ml_collections.ConfigDict, batch: int) -> Result:
   compiled = loop.train_step(1).lower(state, x).compile()
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
-  parts = {name: int(getattr(mem, f"{name}_size_in_bytes")) for name in
-           ("argument", "output", "alias", "temp", "generated_code")}
+  parts = {
+    name: int(getattr(mem, f"{name}_size_in_bytes"))
+    for name in ("argument", "output", "alias", "temp", "generated_code")
+  }
   peak = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"]
-  return dict(value=peak, unit="bytes", settings=_settings(
-    config, batch=batch, compile_s=compile_s, **{f"{k}_bytes": v for k, v in parts.items()},
-    peak_gib=peak / 2**30, num_params=parallel.param_count(state.params)))
+  return dict(
+    value=peak,
+    unit="bytes",
+    settings=_settings(
+      config,
+      batch=batch,
+      compile_s=compile_s,
+      **{f"{k}_bytes": v for k, v in parts.items()},
+      peak_gib=peak / 2**30,
+      num_params=parallel.param_count(state.params),
+    ),
+  )
 
 
 def _nbytes(tree: Any) -> int:
@@ -277,8 +359,9 @@ def _largest_block_working_set(config: ml_collections.ConfigDict, batch: int) ->
   from ddpm_jax.models.layers import ResBlock
 
   m, size = config.model, config.data.image_size
-  block = ResBlock(m.ch * m.ch_mult[0], m.dropout, m.conv_impl, jnp.dtype(m.dtype),
-                   jnp.dtype(m.param_dtype))
+  block = ResBlock(
+    m.ch * m.ch_mult[0], m.dropout, m.conv_impl, jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+  )
   x = jax.ShapeDtypeStruct((batch, size, size, 2 * m.ch * m.ch_mult[0]), jnp.float32)
   temb = jax.ShapeDtypeStruct((batch, 4 * m.ch), jnp.float32)
   rng = jax.random.PRNGKey(0)
@@ -289,8 +372,12 @@ def _largest_block_working_set(config: ml_collections.ConfigDict, batch: int) ->
     return jnp.sum(out.astype(jnp.float32))
 
   mem = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, temb).compile().memory_analysis()
-  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-             + mem.temp_size_in_bytes)
+  return int(
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+  )
 
 
 def memory_model_bytes(config: ml_collections.ConfigDict, batch: int) -> Result:
@@ -308,20 +395,36 @@ def memory_model_bytes(config: ml_collections.ConfigDict, batch: int) -> Result:
   shape = (batch, *model_bundle.image_shape(config))
 
   def loss(params, x, t):
-    out = loop.model.apply({"params": params}, x, t, train=True,
-                           rngs={"dropout": jax.random.PRNGKey(0)})
+    out = loop.model.apply(
+      {"params": params}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(0)}
+    )
     return jnp.mean(out)
 
-  residuals = saved_residuals(loss, state.params, jax.ShapeDtypeStruct(shape, jnp.float32),
-                              jax.ShapeDtypeStruct((batch,), jnp.int32))
+  residuals = saved_residuals(
+    loss,
+    state.params,
+    jax.ShapeDtypeStruct(shape, jnp.float32),
+    jax.ShapeDtypeStruct((batch,), jnp.int32),
+  )
   activations = sum(_nbytes(aval) for aval, why in residuals if "argument" not in why)
-  parts = dict(train_state=_nbytes(state), gradients=_nbytes(state.params),
-               saved_activations=activations,
-               block_working_set=_largest_block_working_set(config, batch))
+  parts = dict(
+    train_state=_nbytes(state),
+    gradients=_nbytes(state.params),
+    saved_activations=activations,
+    block_working_set=_largest_block_working_set(config, batch),
+  )
   total = sum(parts.values())
-  return dict(value=total, unit="bytes", settings=_settings(
-    config, batch=batch, **{f"{k}_bytes": v for k, v in parts.items()}, peak_gib=total / 2**30,
-    method="state + gradients + saved residuals + largest block's compiled working set"))
+  return dict(
+    value=total,
+    unit="bytes",
+    settings=_settings(
+      config,
+      batch=batch,
+      **{f"{k}_bytes": v for k, v in parts.items()},
+      peak_gib=total / 2**30,
+      method="state + gradients + saved residuals + largest block's compiled working set",
+    ),
+  )
 
 
 def run_workload(args: argparse.Namespace) -> Result:
@@ -333,8 +436,16 @@ def run_workload(args: argparse.Namespace) -> Result:
   elif args.workload == "forward":
     result = forward_images_per_s(config, batch, args.steps, args.warmup)
   elif args.workload == "sample":
-    result = sample_images_per_s(config, args.num_images, args.sampler, args.num_steps,
-                                 args.timed_steps, args.eta, args.batch, args.max_seconds)
+    result = sample_images_per_s(
+      config,
+      args.num_images,
+      args.sampler,
+      args.num_steps,
+      args.timed_steps,
+      args.eta,
+      args.batch,
+      args.max_seconds,
+    )
   elif args.workload == "compile":
     result = compile_seconds(config, batch, args.cache_dir)
   elif args.workload == "memory":
@@ -351,25 +462,45 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m benchmarks.ours", description=__doc__.split("\n")[0])
   p.add_argument("workload", choices=WORKLOADS)
   p.add_argument("--config", default="digits", help="configs/<name>.py, e.g. digits or cifar10.")
-  p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                 help="Config override, e.g. model.conv_impl=xla_matmul_grad (repeatable).")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="SECTION.FIELD=VALUE",
+    help="Config override, e.g. model.conv_impl=xla_matmul_grad (repeatable).",
+  )
   p.add_argument("--batch", type=int, default=None, help="Per-device batch (default: config's).")
   p.add_argument("--steps", type=int, default=10, help="Timed train steps / forward passes.")
   p.add_argument("--warmup", type=int, default=2, help="Untimed train steps / forward passes.")
-  p.add_argument("--num_images", type=int, default=16,
-                 help="sample: images, in batches of --batch (default: one batch).")
+  p.add_argument(
+    "--num_images",
+    type=int,
+    default=16,
+    help="sample: images, in batches of --batch (default: one batch).",
+  )
   p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral")
   p.add_argument("--num_steps", type=int, default=None, help="sample: chain length (default T).")
-  p.add_argument("--timed_steps", type=int, default=None,
-                 help="sample (ancestral): run this many steps and extrapolate to T.")
+  p.add_argument(
+    "--timed_steps",
+    type=int,
+    default=None,
+    help="sample (ancestral): run this many steps and extrapolate to T.",
+  )
   p.add_argument("--eta", type=float, default=0.0, help="sample with ddim: eta.")
-  p.add_argument("--max_seconds", type=float, default=0.0,
-                 help="sample: stop after the batch that crosses this many seconds (0: never).")
+  p.add_argument(
+    "--max_seconds",
+    type=float,
+    default=0.0,
+    help="sample: stop after the batch that crosses this many seconds (0: never).",
+  )
   p.add_argument("--cache_dir", default="", help="compile: persistent cache directory.")
   p.add_argument("--dtype", default="float32", help="matmul_peak: float32 | bfloat16.")
   p.add_argument("--matmul_size", type=int, default=2048, help="matmul_peak: n of [2n,n]x[n,n].")
-  p.add_argument("--xla_default_flags", action="store_true",
-                 help="Leave XLA_FLAGS as it is (without runtime.xla_flags' CPU settings).")
+  p.add_argument(
+    "--xla_default_flags",
+    action="store_true",
+    help="Leave XLA_FLAGS as it is (without runtime.xla_flags' CPU settings).",
+  )
   return p
 
 

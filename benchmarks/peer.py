@@ -57,19 +57,31 @@ def unet2d_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   m = config.model
   if not m.resamp_with_conv:
-    raise ValueError("diffusers' UNet2DModel resamples with convolutions only: "
-                     "model.resamp_with_conv must be True.")
+    raise ValueError(
+      "diffusers' UNet2DModel resamples with convolutions only: "
+      "model.resamp_with_conv must be True."
+    )
   size, mults = config.data.image_size, tuple(m.ch_mult)
   attn = [size // 2**i in tuple(m.attn_resolutions) for i in range(len(mults))]
   return dict(
-    sample_size=size, in_channels=config.data.num_channels,
+    sample_size=size,
+    in_channels=config.data.num_channels,
     out_channels=model_bundle.model_out_channels(config),
-    block_out_channels=tuple(m.ch * mult for mult in mults), layers_per_block=m.num_res_blocks,
+    block_out_channels=tuple(m.ch * mult for mult in mults),
+    layers_per_block=m.num_res_blocks,
     down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
     up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-    attention_head_dim=None, norm_eps=1e-6, resnet_time_scale_shift="default",
-    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, act_fn="silu", norm_num_groups=32,
-    center_input_sample=False, dropout=float(m.dropout))
+    attention_head_dim=None,
+    norm_eps=1e-6,
+    resnet_time_scale_shift="default",
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    center_input_sample=False,
+    dropout=float(m.dropout),
+  )
 
 
 def build_model(config: ml_collections.ConfigDict, params: Any = None) -> torch.nn.Module:
@@ -105,8 +117,9 @@ def seed_params(config: ml_collections.ConfigDict) -> Any:
   return jax.device_get(init(params_rng))
 
 
-def make_scheduler(config: ml_collections.ConfigDict, sampler: str = "ancestral",
-                   num_steps: int | None = None):
+def make_scheduler(
+  config: ml_collections.ConfigDict, sampler: str = "ancestral", num_steps: int | None = None
+):
   """DDPMScheduler (ancestral, all T steps; also the training noise) or DDIMScheduler (timesteps
   0, k, 2k, .. for k = T // num_steps: diffusers' "leading" spacing, the one its DDIM step is
   consistent with) with our linear betas and clipped x_0."""
@@ -114,11 +127,19 @@ def make_scheduler(config: ml_collections.ConfigDict, sampler: str = "ancestral"
 
   d = config.diffusion
   if d.beta_schedule != "linear" or d.model_mean_type != "eps":
-    raise ValueError("The peer has the linear beta schedule and eps prediction only; got "
-                     f"{d.beta_schedule!r} and {d.model_mean_type!r}.")
-  common = dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start,
-                beta_end=d.beta_end, beta_schedule="linear", clip_sample=True,
-                prediction_type="epsilon", timestep_spacing="leading")
+    raise ValueError(
+      "The peer has the linear beta schedule and eps prediction only; got "
+      f"{d.beta_schedule!r} and {d.model_mean_type!r}."
+    )
+  common = dict(
+    num_train_timesteps=d.num_timesteps,
+    beta_start=d.beta_start,
+    beta_end=d.beta_end,
+    beta_schedule="linear",
+    clip_sample=True,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+  )
   if sampler == "ancestral":
     if d.model_var_type not in _VAR_TYPES:
       raise ValueError(f"The peer has fixed variances only, got {d.model_var_type!r}.")
@@ -143,21 +164,33 @@ def _set_threads(threads: int | None) -> int:
   return torch.get_num_threads()
 
 
-def _settings(config: ml_collections.ConfigDict, model: torch.nn.Module, threads: int,
-              params: Any, **extra) -> dict[str, Any]:
+def _settings(
+  config: ml_collections.ConfigDict, model: torch.nn.Module, threads: int, params: Any, **extra
+) -> dict[str, Any]:
   """What it takes to reproduce a figure: sizes, library versions, threads, weights."""
   import diffusers
   import torch
 
   m = config.model
   return dict(
-    **extra, threads=threads, device="cpu", precision="float32",
-    torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
+    **extra,
+    threads=threads,
+    device="cpu",
+    precision="float32",
+    torch=torch.__version__,
+    diffusers=diffusers.__version__,
+    python=platform.python_version(),
     image_shape=[config.data.num_channels, config.data.image_size, config.data.image_size],
-    model=dict(ch=m.ch, ch_mult=list(m.ch_mult), num_res_blocks=m.num_res_blocks,
-               attn_resolutions=list(m.attn_resolutions), dropout=m.dropout),
+    model=dict(
+      ch=m.ch,
+      ch_mult=list(m.ch_mult),
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=list(m.attn_resolutions),
+      dropout=m.dropout,
+    ),
     num_params=sum(p.numel() for p in model.parameters()),
-    weights="ours" if params is not None else "torch default init")
+    weights="ours" if params is not None else "torch default init",
+  )
 
 
 def _timed(fn: Callable[[], Any], iters: int, warmup: int) -> tuple[float, Any]:
@@ -171,8 +204,15 @@ def _timed(fn: Callable[[], Any], iters: int, warmup: int) -> tuple[float, Any]:
   return time.perf_counter() - start, out
 
 
-def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int, warmup: int = 2,
-                      threads: int | None = None, params: Any = None, seed: int = 0) -> Result:
+def train_steps_per_s(
+  config: ml_collections.ConfigDict,
+  batch: int,
+  steps: int,
+  warmup: int = 2,
+  threads: int | None = None,
+  params: Any = None,
+  seed: int = 0,
+) -> Result:
   """Training steps/s like ours on a fixed batch x_0 [B, C, H, W] in [-1, 1]: t ~ U{0..T-1},
   x_t by `add_noise`, MSE on eps (train mode, dropout), backward, grad-norm clip, Adam, EMA."""
   import torch
@@ -186,8 +226,7 @@ def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int,
   scheduler = make_scheduler(config)
   o = config.optim
   weights = [p for p in model.parameters() if p.requires_grad]
-  optimizer = torch.optim.Adam(weights, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                               foreach=True)
+  optimizer = torch.optim.Adam(weights, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
   ema = [p.detach().clone() for p in weights]
   g = torch.Generator().manual_seed(seed)
   size, channels = config.data.image_size, config.data.num_channels
@@ -208,17 +247,44 @@ def train_steps_per_s(config: ml_collections.ConfigDict, batch: int, steps: int,
 
   seconds, loss = _timed(step, steps, warmup)
   value = steps / seconds
-  return dict(value=value, unit="steps/s", settings=_settings(
-    config, model, threads, params, batch=batch, steps=steps, warmup_steps=warmup,
-    seconds=seconds, images_per_s=value * batch, final_loss=float(loss),
-    optimizer=dict(name="Adam", foreach=True, lr=o.lr, betas=[o.beta1, o.beta2], eps=o.eps,
-                   grad_clip=o.grad_clip, ema_decay=o.ema_decay, lr_warmup="none (constant lr)"),
-    seed=seed))
+  return dict(
+    value=value,
+    unit="steps/s",
+    settings=_settings(
+      config,
+      model,
+      threads,
+      params,
+      batch=batch,
+      steps=steps,
+      warmup_steps=warmup,
+      seconds=seconds,
+      images_per_s=value * batch,
+      final_loss=float(loss),
+      optimizer=dict(
+        name="Adam",
+        foreach=True,
+        lr=o.lr,
+        betas=[o.beta1, o.beta2],
+        eps=o.eps,
+        grad_clip=o.grad_clip,
+        ema_decay=o.ema_decay,
+        lr_warmup="none (constant lr)",
+      ),
+      seed=seed,
+    ),
+  )
 
 
-def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: int,
-                         warmup: int = 2, threads: int | None = None, params: Any = None,
-                         seed: int = 0) -> Result:
+def forward_images_per_s(
+  config: ml_collections.ConfigDict,
+  batch: int,
+  iters: int,
+  warmup: int = 2,
+  threads: int | None = None,
+  params: Any = None,
+  seed: int = 0,
+) -> Result:
   """U-Net forward passes (eval mode, inference_mode) on x [B, C, H, W], t [B]: images/s."""
   import torch
 
@@ -233,15 +299,35 @@ def forward_images_per_s(config: ml_collections.ConfigDict, batch: int, iters: i
   t = torch.randint(0, config.diffusion.num_timesteps, (batch,), generator=g)
   with torch.inference_mode():
     seconds, out = _timed(lambda: model(x, t).sample, iters, warmup)
-  return dict(value=batch * iters / seconds, unit="images/s", settings=_settings(
-    config, model, threads, params, batch=batch, steps=iters, warmup_steps=warmup,
-    seconds=seconds, output_abs_mean=float(out.abs().mean()), seed=seed))
+  return dict(
+    value=batch * iters / seconds,
+    unit="images/s",
+    settings=_settings(
+      config,
+      model,
+      threads,
+      params,
+      batch=batch,
+      steps=iters,
+      warmup_steps=warmup,
+      seconds=seconds,
+      output_abs_mean=float(out.abs().mean()),
+      seed=seed,
+    ),
+  )
 
 
-def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int,
-                        sampler: str = "ancestral", num_steps: int | None = None,
-                        timed_steps: int | None = None, params: Any = None, eta: float = 0.0,
-                        threads: int | None = None, seed: int = 0) -> Result:
+def sample_images_per_s(
+  config: ml_collections.ConfigDict,
+  num_images: int,
+  sampler: str = "ancestral",
+  num_steps: int | None = None,
+  timed_steps: int | None = None,
+  params: Any = None,
+  eta: float = 0.0,
+  threads: int | None = None,
+  seed: int = 0,
+) -> Result:
   """The DDPMPipeline loop (eps = unet(x, t); x = scheduler.step(eps, t, x)) on all num_images
   [N, C, H, W] at once: images/s of the full chain of num_steps (default: all T; DDIM: eta).
 
@@ -277,13 +363,31 @@ def sample_images_per_s(config: ml_collections.ConfigDict, num_images: int,
     seconds = time.perf_counter() - start
   chain_seconds = seconds / run_steps * num_steps
   extra = {} if run_steps == num_steps else dict(extrapolated_from_steps=run_steps)
-  return dict(value=num_images / chain_seconds, unit="images/s", settings=_settings(
-    config, model, threads, params, batch=num_images, sampler=sampler, num_steps=num_steps,
-    steps=run_steps, warmup_steps=1, **extra, seconds=seconds, chain_seconds=chain_seconds,
-    seconds_per_step=seconds / run_steps, eta=eta if sampler == "ddim" else None,
-    scheduler=type(scheduler).__name__, timesteps=[int(timesteps[0]), int(timesteps[-1])],
-    clip_sample=True,
-    sample_abs_max=float(x.abs().max()), seed=seed))
+  return dict(
+    value=num_images / chain_seconds,
+    unit="images/s",
+    settings=_settings(
+      config,
+      model,
+      threads,
+      params,
+      batch=num_images,
+      sampler=sampler,
+      num_steps=num_steps,
+      steps=run_steps,
+      warmup_steps=1,
+      **extra,
+      seconds=seconds,
+      chain_seconds=chain_seconds,
+      seconds_per_step=seconds / run_steps,
+      eta=eta if sampler == "ddim" else None,
+      scheduler=type(scheduler).__name__,
+      timesteps=[int(timesteps[0]), int(timesteps[-1])],
+      clip_sample=True,
+      sample_abs_max=float(x.abs().max()),
+      seed=seed,
+    ),
+  )
 
 
 # -- Command line. ------------------------------------------------------------------------------
@@ -293,21 +397,33 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m benchmarks.peer", description=__doc__.split("\n")[0])
   p.add_argument("workload", choices=WORKLOADS)
   p.add_argument("--config", required=True, help="configs/<name>.py, e.g. digits or cifar10.")
-  p.add_argument("--batch", type=int, default=None,
-                 help="train/forward batch (default: training.batch_size).")
+  p.add_argument(
+    "--batch", type=int, default=None, help="train/forward batch (default: training.batch_size)."
+  )
   p.add_argument("--steps", type=int, default=10, help="Timed train steps / forward passes.")
   p.add_argument("--warmup", type=int, default=2, help="Untimed train steps / forward passes.")
   p.add_argument("--num_images", type=int, default=16, help="sample: images, one batch.")
   p.add_argument("--sampler", choices=SAMPLERS, default="ancestral")
-  p.add_argument("--num_steps", type=int, default=None,
-                 help="sample: chain length (default T; ancestral always T).")
-  p.add_argument("--timed_steps", type=int, default=None,
-                 help="sample: run only this many steps and extrapolate.")
+  p.add_argument(
+    "--num_steps",
+    type=int,
+    default=None,
+    help="sample: chain length (default T; ancestral always T).",
+  )
+  p.add_argument(
+    "--timed_steps",
+    type=int,
+    default=None,
+    help="sample: run only this many steps and extrapolate.",
+  )
   p.add_argument("--eta", type=float, default=0.0, help="sample with ddim: eta.")
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs).")
   p.add_argument("--seed", type=int, default=0, help="Inputs and torch's default init.")
-  p.add_argument("--seed_params", action="store_true",
-                 help="Use our U-Net's initial params (PRNGKey(training.seed)).")
+  p.add_argument(
+    "--seed_params",
+    action="store_true",
+    help="Use our U-Net's initial params (PRNGKey(training.seed)).",
+  )
   return p
 
 
@@ -322,8 +438,15 @@ def run_workload(args: argparse.Namespace) -> Result:
   elif args.workload == "forward":
     result = forward_images_per_s(config, batch, args.steps, args.warmup, **common)
   else:
-    result = sample_images_per_s(config, args.num_images, args.sampler, args.num_steps,
-                                 args.timed_steps, eta=args.eta, **common)
+    result = sample_images_per_s(
+      config,
+      args.num_images,
+      args.sampler,
+      args.num_steps,
+      args.timed_steps,
+      eta=args.eta,
+      **common,
+    )
   result["settings"]["config"] = args.config
   return {"workload": args.workload, **result}
 

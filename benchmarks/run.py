@@ -68,64 +68,126 @@ def workloads(cache_dir: str) -> list[Workload]:
   cifar_train = ["train", "--config=cifar10", "--batch=16"]
   lsun = ["--config=lsun_church"]
   return [
-    Workload("digits_train", "digits U-Net (1.0M) train step, batch 128",
-             ["train", "--config=digits", "--batch=128", "--steps=30", "--warmup=3"],
-             ["train", "--config=digits", "--batch=128", "--steps=30", "--warmup=3"],
-             ["train", "--config=digits", "--batch=128", "--steps=10", "--warmup=2"],
-             ["train", "--config=digits", "--batch=128", "--steps=10", "--warmup=2"],
-             target=">= 2x peer", meets=_ratio_at_least(2.0)),
-    Workload("digits_train_xla_default_flags", "digits train step with XLA's default CPU flags "
-             "(ours only)",
-             ["train", "--config=digits", "--batch=128", "--steps=30", "--warmup=3",
-              "--xla_default_flags"], in_quick=False),
-    Workload("digits_sample_ancestral", "digits, 1000 images x 1000 ancestral steps, one batch",
-             [*digits_sample, "--sampler=ancestral"],
-             [*digits_sample, "--sampler=ancestral", "--seed_params"],
-             [*digits_sample, "--sampler=ancestral", "--timed_steps=20"],
-             [*digits_sample, "--sampler=ancestral", "--timed_steps=20"],
-             target=">= 5x peer", meets=_ratio_at_least(5.0)),
-    Workload("digits_sample_ddim50", "digits, 1000 images x 50 DDIM steps (eta 0), one batch",
-             [*digits_sample, "--sampler=ddim", "--num_steps=50"],
-             [*digits_sample, "--sampler=ddim", "--num_steps=50", "--seed_params"],
-             target=">= 5x peer", meets=_ratio_at_least(5.0)),
-    Workload("cifar10_train", "CIFAR-10 U-Net (35.7M) train step, fp32, batch 16",
-             [*cifar_train, "--steps=8"], [*cifar_train, "--steps=8"],
-             [*cifar_train, "--steps=3", "--warmup=1"], [*cifar_train, "--steps=3", "--warmup=1"],
-             target=">= 1.0x peer", meets=_ratio_at_least(1.0), per_image=True),
-    *[Workload(f"cifar10_train_conv_{impl}", f"the same with conv_impl={impl}",
-               [*cifar_train, "--steps=8", f"--set=model.conv_impl={impl}"],
-               [*cifar_train, "--steps=8"], in_quick=False, per_image=True)
-      for impl in ("xla_matmul_grad", "shifted_matmul")],
-    Workload("cifar10_train_xla_default_flags", "the same with XLA's default CPU flags "
-             "(YNNPACK convolutions; ours only)",
-             [*cifar_train, "--steps=8", "--xla_default_flags"], in_quick=False, per_image=True),
-    Workload("cifar10_forward", "CIFAR-10 U-Net forward, eval mode, batch 64",
-             ["forward", "--config=cifar10", "--batch=64", "--steps=5"],
-             ["forward", "--config=cifar10", "--batch=64", "--steps=5"],
-             ["forward", "--config=cifar10", "--batch=64", "--steps=2", "--warmup=1"],
-             ["forward", "--config=cifar10", "--batch=64", "--steps=2", "--warmup=1"]),
-    Workload("cifar10_compile_cold", "lower + compile of the CIFAR-10 train step, empty "
-             "persistent cache (seconds, lower is better)",
-             ["compile", "--config=cifar10", "--batch=16", f"--cache_dir={cache_dir}"],
-             target="< 60 s", meets=_ours_below(60.0)),
-    Workload("cifar10_compile_cached", "the same in a new process, cache from the run above",
-             ["compile", "--config=cifar10", "--batch=16", f"--cache_dir={cache_dir}"],
-             target="< 10 s", meets=_ours_below(10.0)),
-    *[Workload(f"lsun256_memory_b{b}_{'remat' if remat else 'noremat'}",
-               f"256x256 U-Net (113.7M) train step, peak memory per device at batch {b}, "
-               f"model.remat={remat}: state + gradients + saved activations + largest block's "
-               "compiled working set (bytes)",
-               ["memory_model", *lsun, f"--batch={b}", f"--set=model.remat={remat}"],
-               target="< 16 GiB" if (b, remat) == (16, True) else "",
-               meets=_ours_below(16 * GIB) if (b, remat) == (16, True) else None)
-      for b in (8, 16) for remat in (False, True)],
-    *[Workload(f"lsun256_xla_memory_b16_{'remat' if remat else 'noremat'}",
-               f"the same at batch 16, model.remat={remat}, from XLA's compiled memory analysis of "
-               "the whole step on this backend (XLA:CPU does not realise remat's savings)",
-               ["memory", *lsun, "--batch=16", f"--set=model.remat={remat}"])
-      for remat in (False, True)],
-    Workload("matmul_peak_f32", "this machine's float32 matmul peak, [4096,2048]x[2048,2048]",
-             ["matmul_peak", "--dtype=float32"]),
+    Workload(
+      "digits_train",
+      "digits U-Net (1.0M) train step, batch 128",
+      ["train", "--config=digits", "--batch=128", "--steps=30", "--warmup=3"],
+      ["train", "--config=digits", "--batch=128", "--steps=30", "--warmup=3"],
+      ["train", "--config=digits", "--batch=128", "--steps=10", "--warmup=2"],
+      ["train", "--config=digits", "--batch=128", "--steps=10", "--warmup=2"],
+      target=">= 2x peer",
+      meets=_ratio_at_least(2.0),
+    ),
+    Workload(
+      "digits_train_xla_default_flags",
+      "digits train step with XLA's default CPU flags (ours only)",
+      [
+        "train",
+        "--config=digits",
+        "--batch=128",
+        "--steps=30",
+        "--warmup=3",
+        "--xla_default_flags",
+      ],
+      in_quick=False,
+    ),
+    Workload(
+      "digits_sample_ancestral",
+      "digits, 1000 images x 1000 ancestral steps, one batch",
+      [*digits_sample, "--sampler=ancestral"],
+      [*digits_sample, "--sampler=ancestral", "--seed_params"],
+      [*digits_sample, "--sampler=ancestral", "--timed_steps=20"],
+      [*digits_sample, "--sampler=ancestral", "--timed_steps=20"],
+      target=">= 5x peer",
+      meets=_ratio_at_least(5.0),
+    ),
+    Workload(
+      "digits_sample_ddim50",
+      "digits, 1000 images x 50 DDIM steps (eta 0), one batch",
+      [*digits_sample, "--sampler=ddim", "--num_steps=50"],
+      [*digits_sample, "--sampler=ddim", "--num_steps=50", "--seed_params"],
+      target=">= 5x peer",
+      meets=_ratio_at_least(5.0),
+    ),
+    Workload(
+      "cifar10_train",
+      "CIFAR-10 U-Net (35.7M) train step, fp32, batch 16",
+      [*cifar_train, "--steps=8"],
+      [*cifar_train, "--steps=8"],
+      [*cifar_train, "--steps=3", "--warmup=1"],
+      [*cifar_train, "--steps=3", "--warmup=1"],
+      target=">= 1.0x peer",
+      meets=_ratio_at_least(1.0),
+      per_image=True,
+    ),
+    *[
+      Workload(
+        f"cifar10_train_conv_{impl}",
+        f"the same with conv_impl={impl}",
+        [*cifar_train, "--steps=8", f"--set=model.conv_impl={impl}"],
+        [*cifar_train, "--steps=8"],
+        in_quick=False,
+        per_image=True,
+      )
+      for impl in ("xla_matmul_grad", "shifted_matmul")
+    ],
+    Workload(
+      "cifar10_train_xla_default_flags",
+      "the same with XLA's default CPU flags (YNNPACK convolutions; ours only)",
+      [*cifar_train, "--steps=8", "--xla_default_flags"],
+      in_quick=False,
+      per_image=True,
+    ),
+    Workload(
+      "cifar10_forward",
+      "CIFAR-10 U-Net forward, eval mode, batch 64",
+      ["forward", "--config=cifar10", "--batch=64", "--steps=5"],
+      ["forward", "--config=cifar10", "--batch=64", "--steps=5"],
+      ["forward", "--config=cifar10", "--batch=64", "--steps=2", "--warmup=1"],
+      ["forward", "--config=cifar10", "--batch=64", "--steps=2", "--warmup=1"],
+    ),
+    Workload(
+      "cifar10_compile_cold",
+      "lower + compile of the CIFAR-10 train step, empty "
+      "persistent cache (seconds, lower is better)",
+      ["compile", "--config=cifar10", "--batch=16", f"--cache_dir={cache_dir}"],
+      target="< 60 s",
+      meets=_ours_below(60.0),
+    ),
+    Workload(
+      "cifar10_compile_cached",
+      "the same in a new process, cache from the run above",
+      ["compile", "--config=cifar10", "--batch=16", f"--cache_dir={cache_dir}"],
+      target="< 10 s",
+      meets=_ours_below(10.0),
+    ),
+    *[
+      Workload(
+        f"lsun256_memory_b{b}_{'remat' if remat else 'noremat'}",
+        f"256x256 U-Net (113.7M) train step, peak memory per device at batch {b}, "
+        f"model.remat={remat}: state + gradients + saved activations + largest block's "
+        "compiled working set (bytes)",
+        ["memory_model", *lsun, f"--batch={b}", f"--set=model.remat={remat}"],
+        target="< 16 GiB" if (b, remat) == (16, True) else "",
+        meets=_ours_below(16 * GIB) if (b, remat) == (16, True) else None,
+      )
+      for b in (8, 16)
+      for remat in (False, True)
+    ],
+    *[
+      Workload(
+        f"lsun256_xla_memory_b16_{'remat' if remat else 'noremat'}",
+        f"the same at batch 16, model.remat={remat}, from XLA's compiled memory analysis of "
+        "the whole step on this backend (XLA:CPU does not realise remat's savings)",
+        ["memory", *lsun, "--batch=16", f"--set=model.remat={remat}"],
+      )
+      for remat in (False, True)
+    ],
+    Workload(
+      "matmul_peak_f32",
+      "this machine's float32 matmul peak, [4096,2048]x[2048,2048]",
+      ["matmul_peak", "--dtype=float32"],
+    ),
   ]
 
 
@@ -135,19 +197,41 @@ def accelerator_workloads() -> list[Workload]:
   bf16 = "--set=model.dtype=bfloat16"
   sample = ["sample", "--config=cifar10", "--num_images=50000", "--batch=2500", bf16]
   return [
-    Workload("matmul_peak_bf16", "bfloat16 matmul peak, [16384,8192]x[8192,8192]",
-             ["matmul_peak", "--dtype=bfloat16", "--matmul_size=8192"]),
-    Workload("cifar10_train_b128_bf16", "CIFAR-10 train step, bfloat16, batch 128",
-             ["train", "--config=cifar10", "--batch=128", "--steps=50", "--warmup=5", bf16],
-             per_image=True),
-    Workload("lsun256_train_b64_bf16", "256x256 train step, bfloat16, batch 64, remat",
-             ["train", "--config=lsun_church", "--batch=64", "--steps=10", "--warmup=2", bf16,
-              "--set=model.remat=True"], per_image=True),
-    Workload("cifar10_sample_50k_ddim100", "50,000 CIFAR-10 samples, DDIM 100 steps, bf16",
-             [*sample, "--sampler=ddim", "--num_steps=100"]),
-    Workload("cifar10_sample_50k_ancestral", "50,000 CIFAR-10 samples, 1000 ancestral steps, "
-             "bf16 (one batch's 50 steps, extrapolated)",
-             [*sample, "--sampler=ancestral", "--timed_steps=50"]),
+    Workload(
+      "matmul_peak_bf16",
+      "bfloat16 matmul peak, [16384,8192]x[8192,8192]",
+      ["matmul_peak", "--dtype=bfloat16", "--matmul_size=8192"],
+    ),
+    Workload(
+      "cifar10_train_b128_bf16",
+      "CIFAR-10 train step, bfloat16, batch 128",
+      ["train", "--config=cifar10", "--batch=128", "--steps=50", "--warmup=5", bf16],
+      per_image=True,
+    ),
+    Workload(
+      "lsun256_train_b64_bf16",
+      "256x256 train step, bfloat16, batch 64, remat",
+      [
+        "train",
+        "--config=lsun_church",
+        "--batch=64",
+        "--steps=10",
+        "--warmup=2",
+        bf16,
+        "--set=model.remat=True",
+      ],
+      per_image=True,
+    ),
+    Workload(
+      "cifar10_sample_50k_ddim100",
+      "50,000 CIFAR-10 samples, DDIM 100 steps, bf16",
+      [*sample, "--sampler=ddim", "--num_steps=100"],
+    ),
+    Workload(
+      "cifar10_sample_50k_ancestral",
+      "50,000 CIFAR-10 samples, 1000 ancestral steps, bf16 (one batch's 50 steps, extrapolated)",
+      [*sample, "--sampler=ancestral", "--timed_steps=50"],
+    ),
   ]
 
 
@@ -155,8 +239,13 @@ def _run_json(module: str, args: list[str], timeout_s: int) -> tuple[dict | None
   """Runs `python -m module args`; (its JSON result, None) or (None, the error)."""
   cmd = [sys.executable, "-m", module, *args]
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+      cmd,
+      capture_output=True,
+      text=True,
+      timeout=timeout_s,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
   except subprocess.TimeoutExpired:
     return None, f"timed out after {timeout_s} s: {' '.join(cmd)}"
   lines = proc.stdout.strip().splitlines()
@@ -166,8 +255,9 @@ def _run_json(module: str, args: list[str], timeout_s: int) -> tuple[dict | None
   return json.loads(lines[-1]), None
 
 
-def run_workload(w: Workload, quick: bool, with_peer: bool,
-                 timeout_s: int | None = None) -> dict[str, Any]:
+def run_workload(
+  w: Workload, quick: bool, with_peer: bool, timeout_s: int | None = None
+) -> dict[str, Any]:
   """Both sides of one workload -> its record; `timeout_s` (per side) overrides the workload's."""
   timeout_s = timeout_s or w.timeout_s
   ours_args = (w.quick_ours or w.ours) if quick else w.ours
@@ -177,15 +267,23 @@ def run_workload(w: Workload, quick: bool, with_peer: bool,
     peer_args = (w.quick_peer or w.peer) if quick else w.peer
     theirs, peer_error = _run_json("benchmarks.peer", peer_args, timeout_s)
   if w.per_image:
-    ours, theirs = (r and dict(r, value=r["settings"]["images_per_s"], unit="images/s")
-                    for r in (ours, theirs))
+    ours, theirs = (
+      r and dict(r, value=r["settings"]["images_per_s"], unit="images/s") for r in (ours, theirs)
+    )
   unit = (ours or theirs or {}).get("unit")
   record = dict(
-    workload=w.name, description=w.description,
-    ours=ours["value"] if ours else None, peer=theirs["value"] if theirs else None, unit=unit,
-    ratio=None, target=w.target or None, meets_target=None,
-    settings=dict(ours=ours["settings"] if ours else None,
-                  peer=theirs["settings"] if theirs else None))
+    workload=w.name,
+    description=w.description,
+    ours=ours["value"] if ours else None,
+    peer=theirs["value"] if theirs else None,
+    unit=unit,
+    ratio=None,
+    target=w.target or None,
+    meets_target=None,
+    settings=dict(
+      ours=ours["settings"] if ours else None, peer=theirs["settings"] if theirs else None
+    ),
+  )
   if record["ours"] is not None and record["peer"]:
     record["ratio"] = record["ours"] / record["peer"]
   if w.meets is not None and record["ours"] is not None:
@@ -197,9 +295,11 @@ def run_workload(w: Workload, quick: bool, with_peer: bool,
 
 
 # (train workload, matmul peak workload, target fraction or None)
-_PEAK_FRACTIONS = (("cifar10_train", "matmul_peak_f32", None),
-                   ("cifar10_train_b128_bf16", "matmul_peak_bf16", 0.4),
-                   ("lsun256_train_b64_bf16", "matmul_peak_bf16", 0.4))
+_PEAK_FRACTIONS = (
+  ("cifar10_train", "matmul_peak_f32", None),
+  ("cifar10_train_b128_bf16", "matmul_peak_bf16", 0.4),
+  ("lsun256_train_b64_bf16", "matmul_peak_bf16", 0.4),
+)
 
 
 def derived_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -214,17 +314,29 @@ def derived_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     s = train["settings"]["ours"]
     rate = s.get("model_gflops_per_s", s["achieved_gflops"])  # Older records: XLA's count.
     fraction = rate / peak["ours"]
-    derived.append(dict(
-      workload=f"{train_name}_peak_fraction",
-      description=f"{train_name}: model FLOPs/s (benchmarks.flops: the step's convolutions "
-                  f"and dots, without remat) over the measured {peak_name}",
-      ours=fraction, peer=None, unit="fraction", ratio=None,
-      target=None if target is None else f">= {target:.0%}",
-      meets_target=None if target is None else fraction >= target,
-      settings=dict(ours=dict(model_flops_per_step=s.get("model_flops_per_step"),
-                              model_gflops_per_s=rate, flops_per_step=s["flops_per_step"],
-                              achieved_gflops=s["achieved_gflops"],
-                              matmul_peak_gflops=peak["ours"]), peer=None)))
+    derived.append(
+      dict(
+        workload=f"{train_name}_peak_fraction",
+        description=f"{train_name}: model FLOPs/s (benchmarks.flops: the step's convolutions "
+        f"and dots, without remat) over the measured {peak_name}",
+        ours=fraction,
+        peer=None,
+        unit="fraction",
+        ratio=None,
+        target=None if target is None else f">= {target:.0%}",
+        meets_target=None if target is None else fraction >= target,
+        settings=dict(
+          ours=dict(
+            model_flops_per_step=s.get("model_flops_per_step"),
+            model_gflops_per_s=rate,
+            flops_per_step=s["flops_per_step"],
+            achieved_gflops=s["achieved_gflops"],
+            matmul_peak_gflops=peak["ours"],
+          ),
+          peer=None,
+        ),
+      )
+    )
   return derived
 
 
@@ -243,8 +355,16 @@ def table(records: list[dict[str, Any]]) -> str:
   rows = [("workload", "ours", "peer", "ratio", "target", "met")]
   for r in records:
     met = {True: "yes", False: "NO", None: ""}[r["meets_target"]]
-    rows.append((r["workload"], _format(r["ours"], r["unit"]), _format(r["peer"], r["unit"]),
-                 "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["target"] or "", met))
+    rows.append(
+      (
+        r["workload"],
+        _format(r["ours"], r["unit"]),
+        _format(r["peer"], r["unit"]),
+        "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+        r["target"] or "",
+        met,
+      )
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
   return "\n".join(line.rstrip() for line in lines)
@@ -256,8 +376,10 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
   for r in records:
     met = {True: "yes", False: "no", None: ""}[r["meets_target"]]
     ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-    lines.append(f"| `{r['workload']}` | {_format(r['ours'], r['unit'])} | "
-                 f"{_format(r['peer'], r['unit'])} | {ratio} | {r['target'] or ''} | {met} |")
+    lines.append(
+      f"| `{r['workload']}` | {_format(r['ours'], r['unit'])} | "
+      f"{_format(r['peer'], r['unit'])} | {ratio} | {r['target'] or ''} | {met} |"
+    )
   return "\n".join(lines)
 
 
@@ -267,12 +389,18 @@ def machine() -> dict[str, Any]:
     with open("/proc/cpuinfo") as f:
       names = re.findall(r"model name\s*:\s*(.*)", f.read())
     cpu = names[0] if names else cpu
-  return dict(host=socket.gethostname(), cpu=cpu, cpu_count=os.cpu_count(),
-              python=platform.python_version(), platform=platform.platform())
+  return dict(
+    host=socket.gethostname(),
+    cpu=cpu,
+    cpu_count=os.cpu_count(),
+    python=platform.python_version(),
+    platform=platform.platform(),
+  )
 
 
-def results_path(directory: str = RESULTS_DIR, now: datetime.datetime | None = None,
-                 suite: str = "") -> str:
+def results_path(
+  directory: str = RESULTS_DIR, now: datetime.datetime | None = None, suite: str = ""
+) -> str:
   """`<directory>/<host>[-<suite>]-<date>.json`: the accelerator suite never overwrites the CPU
   suite's file of a host with the same name."""
   now = now or datetime.datetime.now()
@@ -285,8 +413,16 @@ def write_results(path: str, records: list[dict[str, Any]], quick: bool) -> None
   that is stopped keeps what it measured)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
-    json.dump(dict(date=datetime.datetime.now().isoformat(timespec="seconds"), quick=quick,
-                   machine=machine(), records=records), f, indent=2)
+    json.dump(
+      dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        quick=quick,
+        machine=machine(),
+        records=records,
+      ),
+      f,
+      indent=2,
+    )
     f.write("\n")
 
 
@@ -294,14 +430,26 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="The < 10 min subset (2 CPU cores).")
   p.add_argument("--only", default="", help="Comma-separated workload names.")
-  p.add_argument("--accelerator", action="store_true",
-                 help="The GPU/TPU suite instead: bfloat16 at full batch, 50,000 samples.")
-  p.add_argument("--timeout_s", type=int, default=0,
-                 help="Per-side time limit of each workload (default: the workload's own).")
-  p.add_argument("--out", default="", help="Result file (default benchmarks/results/<host>-<date>"
-                 ".json).")
-  p.add_argument("--show", default="", metavar="RESULTS_JSON",
-                 help="Print a results file as a Markdown table and exit.")
+  p.add_argument(
+    "--accelerator",
+    action="store_true",
+    help="The GPU/TPU suite instead: bfloat16 at full batch, 50,000 samples.",
+  )
+  p.add_argument(
+    "--timeout_s",
+    type=int,
+    default=0,
+    help="Per-side time limit of each workload (default: the workload's own).",
+  )
+  p.add_argument(
+    "--out", default="", help="Result file (default benchmarks/results/<host>-<date>.json)."
+  )
+  p.add_argument(
+    "--show",
+    default="",
+    metavar="RESULTS_JSON",
+    help="Print a results file as a Markdown table and exit.",
+  )
   args = p.parse_args(argv)
   if args.show:
     with open(args.show) as f:
@@ -309,8 +457,11 @@ def main(argv: list[str] | None = None) -> None:
     return
   with_peer = peer.available()
   if not with_peer:
-    print("The peer (torch, diffusers) is not installed: pip install -e \".[bench]\". Running our "
-          "side only.", flush=True)
+    print(
+      'The peer (torch, diffusers) is not installed: pip install -e ".[bench]". Running our '
+      "side only.",
+      flush=True,
+    )
   with tempfile.TemporaryDirectory(prefix="ddpm_jax_bench_cache_") as cache_dir:
     suite = accelerator_workloads() if args.accelerator else workloads(cache_dir)
     names = {w.name for w in suite}

@@ -28,8 +28,14 @@ from ddpm_jax.weights.importer import convert, save_checkpoint
 from ddpm_jax.weights.matching import ConversionError
 from ddpm_jax.weights.tf1 import from_tf_checkpoint
 
-__all__ = ["ConversionError", "convert", "from_diffusers", "from_tf_checkpoint",
-           "load_diffusers_state_dict", "save_checkpoint"]
+__all__ = [
+  "ConversionError",
+  "convert",
+  "from_diffusers",
+  "from_tf_checkpoint",
+  "load_diffusers_state_dict",
+  "save_checkpoint",
+]
 
 
 def _define_flags() -> None:
@@ -37,18 +43,31 @@ def _define_flags() -> None:
   from absl import flags
   from ml_collections import config_flags
 
-  flags.DEFINE_enum("source", None, ["tf", "diffusers"],
-                    "tf: an original TF1 checkpoint; diffusers: a UNet2DModel's safetensors.")
-  flags.DEFINE_string("input", None, "tf: the checkpoint prefix (model.ckpt-790000) or its "
-                      "directory; diffusers: diffusion_pytorch_model.safetensors (or .bin) or its "
-                      "directory.")
-  config_flags.DEFINE_config_file("config", None, "The config whose U-Net the weights fit.",
-                                  lock_config=True)
+  flags.DEFINE_enum(
+    "source",
+    None,
+    ["tf", "diffusers"],
+    "tf: an original TF1 checkpoint; diffusers: a UNet2DModel's safetensors.",
+  )
+  flags.DEFINE_string(
+    "input",
+    None,
+    "tf: the checkpoint prefix (model.ckpt-790000) or its "
+    "directory; diffusers: diffusion_pytorch_model.safetensors (or .bin) or its "
+    "directory.",
+  )
+  config_flags.DEFINE_config_file(
+    "config", None, "The config whose U-Net the weights fit.", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Writes <workdir>/checkpoints/<step>.")
-  flags.DEFINE_integer("step", None, "Checkpoint step, >= 0 (default: the TF checkpoint's, "
-                       "else 0).")
-  flags.DEFINE_bool("ema", True, "tf: take the ExponentialMovingAverage copies when present; "
-                    "--noema takes the raw weights.")
+  flags.DEFINE_integer(
+    "step", None, "Checkpoint step, >= 0 (default: the TF checkpoint's, else 0)."
+  )
+  flags.DEFINE_bool(
+    "ema",
+    True,
+    "tf: take the ExponentialMovingAverage copies when present; --noema takes the raw weights.",
+  )
   flags.mark_flags_as_required(["source", "input", "config", "workdir"])
 
 
@@ -70,8 +89,11 @@ def main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   config_file = config_flags.get_config_filename(f["config"])
-  print(f"Wrote {path}. Sample with: python -m ddpm_jax.main --mode=sample "
-        f"--config={config_file} --workdir={workdir}", flush=True)
+  print(
+    f"Wrote {path}. Sample with: python -m ddpm_jax.main --mode=sample "
+    f"--config={config_file} --workdir={workdir}",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

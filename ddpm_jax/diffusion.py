@@ -34,8 +34,9 @@ def check_choice(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
   """Raises ValueError("<field>=<value> is not allowed: allowed values are ...") unless `value`
   is one of `allowed` (config validation reports its fields with this too)."""
   if value not in allowed:
-    raise ValueError(f"{field}={value!r} is not allowed: allowed values are "
-                     f"{', '.join(map(str, allowed))}.")
+    raise ValueError(
+      f"{field}={value!r} is not allowed: allowed values are {', '.join(map(str, allowed))}."
+    )
 
 
 def _warmup_beta(beta_start, beta_end, num_timesteps, warmup_frac):
@@ -53,7 +54,7 @@ def _cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999)
 
 
 def get_beta_schedule(
-    name: str, *, beta_start: float, beta_end: float, num_timesteps: int
+  name: str, *, beta_start: float, beta_end: float, num_timesteps: int
 ) -> np.ndarray:
   """Returns the betas `[num_timesteps]` (float64) of a named schedule."""
   check_choice("beta_schedule", name, BETA_SCHEDULES)
@@ -81,8 +82,8 @@ def _check_betas(betas: np.ndarray) -> None:
   if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
     bad = betas[~((betas > 0) & (betas <= 1))] if betas.ndim == 1 else betas
     raise ValueError(
-        f"betas must be a 1-D array with 0 < beta <= 1; got values such as {bad[:3]} "
-        "(check diffusion.beta_start and diffusion.beta_end)."
+      f"betas must be a 1-D array with 0 < beta <= 1; got values such as {bad[:3]} "
+      "(check diffusion.beta_start and diffusion.beta_end)."
     )
 
 
@@ -93,8 +94,11 @@ def _check_betas(betas: np.ndarray) -> None:
 def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
   return 0.5 * (
-      -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-      + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+    -1.0
+    + logvar2
+    - logvar1
+    + jnp.exp(logvar1 - logvar2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
   )
 
 
@@ -116,7 +120,7 @@ def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: A
   log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
   return jnp.where(
-      x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
   )
 
 
@@ -188,14 +192,14 @@ class GaussianDiffusion:
     learned = self.model_var_type in LEARNED_VAR_TYPES
     if self.loss_type == "mse" and learned:
       raise ValueError(
-          f"loss_type 'mse' cannot train model_var_type {self.model_var_type!r}: the variance "
-          "gets no gradient; use loss_type 'kl' or 'hybrid', or a fixed variance type "
-          "('fixedlarge', 'fixedsmall')."
+        f"loss_type 'mse' cannot train model_var_type {self.model_var_type!r}: the variance "
+        "gets no gradient; use loss_type 'kl' or 'hybrid', or a fixed variance type "
+        "('fixedlarge', 'fixedsmall')."
       )
     if self.loss_type == "hybrid" and not learned:
       raise ValueError(
-          f"loss_type 'hybrid' needs a learned variance, got model_var_type "
-          f"{self.model_var_type!r}; allowed: {', '.join(LEARNED_VAR_TYPES)}."
+        f"loss_type 'hybrid' needs a learned variance, got model_var_type "
+        f"{self.model_var_type!r}; allowed: {', '.join(LEARNED_VAR_TYPES)}."
       )
     betas = np.asarray(self.betas, dtype=np.float64)
     _check_betas(betas)
@@ -207,22 +211,22 @@ class GaussianDiffusion:
     alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
     tables = dict(
-        betas=betas,
-        alphas=alphas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-        posterior_variance=posterior_variance,
-        # beta~_0 = 0: the log is clipped by repeating beta~_1 at t = 0.
-        posterior_log_variance_clipped=np.log(
-            np.append(posterior_variance[1:2], posterior_variance[1:])
-        ),
-        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+      betas=betas,
+      alphas=alphas,
+      alphas_cumprod=alphas_cumprod,
+      alphas_cumprod_prev=alphas_cumprod_prev,
+      sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+      log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+      sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+      sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+      posterior_variance=posterior_variance,
+      # beta~_0 = 0: the log is clipped by repeating beta~_1 at t = 0.
+      posterior_log_variance_clipped=np.log(
+        np.append(posterior_variance[1:2], posterior_variance[1:])
+      ),
+      posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+      posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
     )
     for name, value in tables.items():
       value.setflags(write=False)
@@ -244,17 +248,17 @@ class GaussianDiffusion:
   def q_sample(self, x_start: Array, t: Array, noise: Array) -> Array:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (eq. 4). Shapes `[B, ...]`, t `[B]`."""
     return (
-        _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+      _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+      + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
     )
 
   def q_posterior_mean_variance(
-      self, x_start: Array, x_t: Array, t: Array
+    self, x_start: Array, x_t: Array, t: Array
   ) -> tuple[Array, Array, Array]:
     """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (eqs. 6-7)."""
     mean = (
-        _extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-        + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+      _extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+      + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
     )
     variance = _extract(self.posterior_variance, t, x_t.shape)
     log_variance_clipped = _extract(self.posterior_log_variance_clipped, t, x_t.shape)
@@ -262,19 +266,19 @@ class GaussianDiffusion:
 
   def predict_xstart_from_eps(self, x_t: Array, t: Array, eps: Array) -> Array:
     return (
-        _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-        - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+      _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+      - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
     )
 
   def predict_xstart_from_xprev(self, x_t: Array, t: Array, xprev: Array) -> Array:
-    return (
-        xprev - _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
-    ) / _extract(self.posterior_mean_coef1, t, x_t.shape)
+    return (xprev - _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t) / _extract(
+      self.posterior_mean_coef1, t, x_t.shape
+    )
 
   def predict_eps_from_xstart(self, x_t: Array, t: Array, pred_xstart: Array) -> Array:
-    return (
-        _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
-    ) / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+    return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / _extract(
+      self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+    )
 
   # -- The reverse process p. ------------------------------------------------------------------
 
@@ -306,15 +310,15 @@ class GaussianDiffusion:
     expected = 2 * channels if self.learns_variance else channels
     if model_output.shape[:-1] != x.shape[:-1] or model_output.shape[-1] != expected:
       raise ValueError(
-          f"model output shape {model_output.shape} does not fit x {x.shape} with "
-          f"model_var_type {self.model_var_type!r}: expected {expected} channels."
+        f"model output shape {model_output.shape} does not fit x {x.shape} with "
+        f"model_var_type {self.model_var_type!r}: expected {expected} channels."
       )
     if self.learns_variance:
       return model_output[..., :channels], model_output[..., channels:]
     return model_output, None
 
   def _mean_from_output(
-      self, mean_output: Array, x: Array, t: Array, clip_denoised: bool
+    self, mean_output: Array, x: Array, t: Array, clip_denoised: bool
   ) -> tuple[Array, Array]:
     """Model mean of p(x_{t-1} | x_t) and the predicted x_0, from the mean part of the output."""
     clip = (lambda z: jnp.clip(z, -1.0, 1.0)) if clip_denoised else (lambda z: z)
@@ -329,7 +333,7 @@ class GaussianDiffusion:
     return model_mean, pred_xstart
 
   def p_mean_variance(
-      self, model_fn: ModelFn, x: Array, t: Array, clip_denoised: bool = True
+    self, model_fn: ModelFn, x: Array, t: Array, clip_denoised: bool = True
   ) -> dict[str, Array]:
     """Mean, variance, log variance of p(x_{t-1} | x_t) and the predicted x_0, each `[B, ...]`."""
     mean_output, var_output = self._split_output(model_fn(x, t), x)
@@ -338,7 +342,7 @@ class GaussianDiffusion:
     return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
 
   def p_sample(
-      self, model_fn: ModelFn, x: Array, t: Array, rng: Array, clip_denoised: bool = True
+    self, model_fn: ModelFn, x: Array, t: Array, rng: Array, clip_denoised: bool = True
   ) -> dict[str, Array]:
     """One reverse step: x_{t-1} = mean + [t != 0] sigma z (Algorithm 2). Returns sample and x0."""
     out = self.p_mean_variance(model_fn, x, t, clip_denoised)
@@ -348,12 +352,12 @@ class GaussianDiffusion:
     return dict(sample=sample, pred_xstart=out["pred_xstart"])
 
   def p_sample_loop_from(
-      self,
-      model_fn: ModelFn,
-      x_t: Array,
-      t_start: int | Array,
-      rng: Array,
-      clip_denoised: bool = True,
+    self,
+    model_fn: ModelFn,
+    x_t: Array,
+    t_start: int | Array,
+    rng: Array,
+    clip_denoised: bool = True,
   ) -> Array:
     """Runs the reverse chain from x_t at step `t_start` down to x_0. x_t `[B, ...]`.
 
@@ -370,7 +374,7 @@ class GaussianDiffusion:
     return jax.lax.fori_loop(0, t_start + 1, body, x_t)
 
   def p_sample_loop(
-      self, model_fn: ModelFn, shape: tuple[int, ...], rng: Array, clip_denoised: bool = True
+    self, model_fn: ModelFn, shape: tuple[int, ...], rng: Array, clip_denoised: bool = True
   ) -> Array:
     """Samples x_0 `shape` = [B, H, W, C] from x_T ~ N(0, I) through all T reverse steps."""
     init_rng, loop_rng = _split(rng)
@@ -378,12 +382,12 @@ class GaussianDiffusion:
     return self.p_sample_loop_from(model_fn, x_T, self.num_timesteps - 1, loop_rng, clip_denoised)
 
   def p_sample_loop_progressive(
-      self,
-      model_fn: ModelFn,
-      shape: tuple[int, ...],
-      rng: Array,
-      clip_denoised: bool = True,
-      include_xstartpred_freq: int = 50,
+    self,
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    rng: Array,
+    clip_denoised: bool = True,
+    include_xstartpred_freq: int = 50,
   ) -> tuple[Array, Array]:
     """Like `p_sample_loop`, also recording the predicted x_0 every `include_xstartpred_freq` steps.
 
@@ -412,8 +416,8 @@ class GaussianDiffusion:
     """`num_steps` timesteps spread evenly over [0, T-1], ascending (all T for num_steps=T)."""
     if not 1 <= num_steps <= self.num_timesteps:
       raise ValueError(
-          f"num_steps must be in [1, {self.num_timesteps}] (the number of diffusion steps), "
-          f"got {num_steps}."
+        f"num_steps must be in [1, {self.num_timesteps}] (the number of diffusion steps), "
+        f"got {num_steps}."
       )
     return np.unique(np.round(np.linspace(0, self.num_timesteps - 1, num_steps)).astype(np.int32))
 
@@ -424,20 +428,20 @@ class GaussianDiffusion:
     abar_prev = np.append(1.0, abar[:-1])
     sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
     return dict(
-        c_x0=np.sqrt(abar_prev),
-        c_eps=np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0)),
-        sigma=sigma,
+      c_x0=np.sqrt(abar_prev),
+      c_eps=np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0)),
+      sigma=sigma,
     )
 
   def ddim_sample_loop(
-      self,
-      model_fn: ModelFn,
-      shape: tuple[int, ...],
-      rng: Array,
-      *,
-      num_steps: int,
-      eta: float = 0.0,
-      clip_denoised: bool = True,
+    self,
+    model_fn: ModelFn,
+    shape: tuple[int, ...],
+    rng: Array,
+    *,
+    num_steps: int,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
   ) -> Array:
     """DDIM (Song et al. 2021) over `num_steps` strided timesteps; eta=0 is deterministic.
 
@@ -448,8 +452,9 @@ class GaussianDiffusion:
     rng as `p_sample_loop`. Returns x_0 `shape` = [B, H, W, C].
     """
     timesteps = self.ddim_timesteps(num_steps)
-    coef = {k: jnp.asarray(v, jnp.float32) for k, v in self._ddim_coefficients(
-        timesteps, eta).items()}
+    coef = {
+      k: jnp.asarray(v, jnp.float32) for k, v in self._ddim_coefficients(timesteps, eta).items()
+    }
     ts = jnp.asarray(timesteps)
     init_rng, loop_rng = _split(rng)
     x_T = _normal(init_rng, shape)
@@ -467,14 +472,14 @@ class GaussianDiffusion:
     return jax.lax.fori_loop(0, len(timesteps), body, x_T)
 
   def interpolate(
-      self,
-      model_fn: ModelFn,
-      x_start_a: Array,
-      x_start_b: Array,
-      lam: Array,
-      t: int,
-      rng: Array,
-      clip_denoised: bool = True,
+    self,
+    model_fn: ModelFn,
+    x_start_a: Array,
+    x_start_b: Array,
+    lam: Array,
+    t: int,
+    rng: Array,
+    clip_denoised: bool = True,
   ) -> Array:
     """Interpolates two images in latent space (Fig. 8): diffuse both to step t, mix, denoise.
 
@@ -493,12 +498,12 @@ class GaussianDiffusion:
   # -- Losses and the variational bound. -------------------------------------------------------
 
   def vb_terms_bpd(
-      self,
-      model_fn: ModelFn,
-      x_start: Array,
-      x_t: Array,
-      t: Array,
-      clip_denoised: bool = True,
+    self,
+    model_fn: ModelFn,
+    x_start: Array,
+    x_t: Array,
+    t: Array,
+    clip_denoised: bool = True,
   ) -> tuple[Array, Array]:
     """The bound's term at t in bits/dim `[B]`: KL(q(x_{t-1}|x_t,x_0) || p) for t > 0, the
     discretised decoder NLL at t = 0. Also returns the predicted x_0 `[B, ...]`."""
@@ -510,7 +515,7 @@ class GaussianDiffusion:
     kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
     kl = mean_flat(kl) / math.log(2.0)
     decoder_nll = -discretized_gaussian_log_likelihood(
-        x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+      x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
     )
     decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
     return jnp.where(t == 0, decoder_nll, kl)
@@ -522,9 +527,7 @@ class GaussianDiffusion:
     kl = normal_kl(mean, log_variance * jnp.ones_like(mean), 0.0, 0.0)
     return mean_flat(kl) / math.log(2.0)
 
-  def training_losses(
-      self, model_fn: ModelFn, x_start: Array, t: Array, noise: Array
-  ) -> Array:
+  def training_losses(self, model_fn: ModelFn, x_start: Array, t: Array, noise: Array) -> Array:
     """The per-example training loss `[B]` for x_0 `[B, H, W, C]`, t `[B]`, noise like x_0."""
     x_t = self.q_sample(x_start, t, noise)
     model_output = model_fn(x_t, t)
@@ -532,9 +535,9 @@ class GaussianDiffusion:
     if self.loss_type == "kl":
       return self._vb_from_output(mean_output, var_output, x_start, x_t, t)
     target = {
-        "xprev": lambda: self.q_posterior_mean_variance(x_start, x_t, t)[0],
-        "xstart": lambda: x_start,
-        "eps": lambda: noise,
+      "xprev": lambda: self.q_posterior_mean_variance(x_start, x_t, t)[0],
+      "xstart": lambda: x_start,
+      "eps": lambda: noise,
     }[self.model_mean_type]()
     mse = mean_flat(jnp.square(target - mean_output))
     if self.loss_type == "mse":
@@ -551,7 +554,7 @@ class GaussianDiffusion:
     return self._vb_terms_from_p(out, x_start, x_t, t)
 
   def calc_bpd_loop(
-      self, model_fn: ModelFn, x_start: Array, rng: Array, clip_denoised: bool = True
+    self, model_fn: ModelFn, x_start: Array, rng: Array, clip_denoised: bool = True
   ) -> dict[str, Array]:
     """The full variational bound of x_0 `[B, H, W, C]`, one fresh x_t ~ q(x_t | x_0) per t.
 
@@ -572,30 +575,30 @@ class GaussianDiffusion:
     mse = jnp.flip(mse, axis=0).T
     prior = self.prior_bpd(x_start)
     return dict(
-        total_bpd=jnp.sum(terms_bpd, axis=1) + prior,
-        prior_bpd=prior,
-        terms_bpd=terms_bpd,
-        mse=mse,
+      total_bpd=jnp.sum(terms_bpd, axis=1) + prior,
+      prior_bpd=prior,
+      terms_bpd=terms_bpd,
+      mse=mse,
     )
 
 
 def create_diffusion(
-    *,
-    beta_schedule: str,
-    beta_start: float,
-    beta_end: float,
-    num_timesteps: int,
-    model_mean_type: str,
-    model_var_type: str,
-    loss_type: str,
+  *,
+  beta_schedule: str,
+  beta_start: float,
+  beta_end: float,
+  num_timesteps: int,
+  model_mean_type: str,
+  model_var_type: str,
+  loss_type: str,
 ) -> GaussianDiffusion:
   """Builds a `GaussianDiffusion` from the fields of `config.diffusion`."""
   betas = get_beta_schedule(
-      beta_schedule, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps
+    beta_schedule, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps
   )
   return GaussianDiffusion(
-      betas=betas,
-      model_mean_type=model_mean_type,
-      model_var_type=model_var_type,
-      loss_type=loss_type,
+    betas=betas,
+    model_mean_type=model_mean_type,
+    model_var_type=model_var_type,
+    loss_type=loss_type,
   )

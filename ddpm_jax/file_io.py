@@ -68,8 +68,9 @@ def make_writable_dir(path: str, flag: str) -> None:
     probe.unlink()
   except Exception as e:  # noqa: BLE001 - OSError locally; each remote backend has its own.
     reason = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
-    raise WorkdirError(f"{flag}={path} cannot be written: {reason}. Pass a directory you can "
-                       "write to.") from None
+    raise WorkdirError(
+      f"{flag}={path} cannot be written: {reason}. Pass a directory you can write to."
+    ) from None
 
 
 def write_atomically(path: str, data: bytes) -> None:

@@ -21,12 +21,13 @@ def make_grid(images: np.ndarray, num_cols: int | None = None, padding: int = 2)
   n, h, w, c = images.shape
   cols = num_cols or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
-  grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), 255,
-                 dtype=np.uint8)
+  grid = np.full(
+    (rows * (h + padding) + padding, cols * (w + padding) + padding, c), 255, dtype=np.uint8
+  )
   for i in range(n):
     r, col = divmod(i, cols)
     y, x = padding + r * (h + padding), padding + col * (w + padding)
-    grid[y:y + h, x:x + w] = images[i]
+    grid[y : y + h, x : x + w] = images[i]
   return grid
 
 

@@ -16,19 +16,27 @@ from ddpm_jax import file_io
 from ddpm_jax.runtime import command_line, compilation_cache, xla_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local or gs://).")
+config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/cifar10.py.", lock_config=True
+)
+flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints, logs and samples (local or gs://)."
+)
 flags.DEFINE_enum(
-    "mode", "train", ["train", "sample", "eval", "figures"],
-    "train: train (resuming); sample: sample.num_samples samples as .npz shards; eval: bits/dim, "
-    "rate-distortion, FID/IS (eval.watch: each checkpoint as it appears); figures: Figs. 6-9.")
+  "mode",
+  "train",
+  ["train", "sample", "eval", "figures"],
+  "train: train (resuming); sample: sample.num_samples samples as .npz shards; eval: bits/dim, "
+  "rate-distortion, FID/IS (eval.watch: each checkpoint as it appears); figures: Figs. 6-9.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.DEFINE_string(
-    "compilation_cache_dir", compilation_cache.DEFAULT_DIR,
-    "JAX's persistent compilation cache: a restart loads the compiled steps ('' = off).")
+  "compilation_cache_dir",
+  compilation_cache.DEFAULT_DIR,
+  "JAX's persistent compilation cache: a restart loads the compiled steps ('' = off).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -95,10 +103,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
   from ddpm_jax.evaluation.inception import MissingWeightsError
   from ddpm_jax.sampling.shards import StaleSamplesError
 
-  errors = [ConfigError, checkpointer.IncompatibleCheckpointError,
-            checkpointer.CorruptCheckpointError, checkpointer.CheckpointSaveError,
-            readers.NoCheckpointError, StaleSamplesError, MissingWeightsError,
-            file_io.WorkdirError]
+  errors = [
+    ConfigError,
+    checkpointer.IncompatibleCheckpointError,
+    checkpointer.CorruptCheckpointError,
+    checkpointer.CheckpointSaveError,
+    readers.NoCheckpointError,
+    StaleSamplesError,
+    MissingWeightsError,
+    file_io.WorkdirError,
+  ]
   if "ddpm_jax.training.loop" in sys.modules:
     from ddpm_jax.training import loop
 

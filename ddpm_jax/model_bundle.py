@@ -36,17 +36,17 @@ def model_out_channels(config: ml_collections.ConfigDict) -> int:
 def create_model(config: ml_collections.ConfigDict) -> UNet:
   m = config.model
   return UNet(
-      ch=m.ch,
-      out_ch=model_out_channels(config),
-      ch_mult=tuple(m.ch_mult),
-      num_res_blocks=m.num_res_blocks,
-      attn_resolutions=tuple(m.attn_resolutions),
-      dropout=m.dropout,
-      resamp_with_conv=m.resamp_with_conv,
-      dtype=jnp.dtype(m.dtype),
-      param_dtype=jnp.dtype(m.param_dtype),
-      remat=m.remat,
-      conv_impl=m.conv_impl,
+    ch=m.ch,
+    out_ch=model_out_channels(config),
+    ch_mult=tuple(m.ch_mult),
+    num_res_blocks=m.num_res_blocks,
+    attn_resolutions=tuple(m.attn_resolutions),
+    dropout=m.dropout,
+    resamp_with_conv=m.resamp_with_conv,
+    dtype=jnp.dtype(m.dtype),
+    param_dtype=jnp.dtype(m.param_dtype),
+    remat=m.remat,
+    conv_impl=m.conv_impl,
   )
 
 
@@ -64,8 +64,7 @@ def init_params(model: UNet, config: ml_collections.ConfigDict, rng: jax.Array) 
 
 def abstract_params(config: ml_collections.ConfigDict) -> Any:
   """The U-Net params' shapes and dtypes (`jax.ShapeDtypeStruct`s); nothing is computed."""
-  return jax.eval_shape(
-      lambda: init_params(create_model(config), config, jax.random.PRNGKey(0)))
+  return jax.eval_shape(lambda: init_params(create_model(config), config, jax.random.PRNGKey(0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +78,22 @@ class ModelBundle:
   image_shape: tuple[int, int, int]
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, mesh: Mesh | None = None
-                  ) -> ModelBundle:
-    return cls(config, create_diffusion(config), create_model(config),
-               mesh if mesh is not None else parallel.make_mesh(), image_shape(config))
+  def from_config(cls, config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> ModelBundle:
+    return cls(
+      config,
+      create_diffusion(config),
+      create_model(config),
+      mesh if mesh is not None else parallel.make_mesh(),
+      image_shape(config),
+    )
 
   def abstract_params(self) -> Any:
     """The params' shapes and dtypes, replicated over the mesh."""
     sharding = parallel.replicated(self.mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        abstract_params(self.config))
+    return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      abstract_params(self.config),
+    )
 
   def load_ema_params(self, workdir: str, step: int | None = None) -> tuple[Any, int]:
     """(EMA params replicated over the mesh, their step) of checkpoint `step` (None or negative:

@@ -37,13 +37,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def child_env(base: Mapping[str, str], devices_per_process: int,
-              jax_platforms: str | None) -> dict[str, str]:
+def child_env(
+  base: Mapping[str, str], devices_per_process: int, jax_platforms: str | None
+) -> dict[str, str]:
   """`base` with K simulated host devices (other XLA flags kept) and, if given, JAX_PLATFORMS."""
   env = dict(base)
   flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = " ".join(
-      [*flags.split(), f"--xla_force_host_platform_device_count={devices_per_process}"])
+    [*flags.split(), f"--xla_force_host_platform_device_count={devices_per_process}"]
+  )
   if jax_platforms:
     env["JAX_PLATFORMS"] = jax_platforms
   env["PYTHONUNBUFFERED"] = "1"  # Lines appear as they are printed, not at exit.
@@ -106,16 +108,16 @@ class _Children:
 
 
 def launch(
-    argv_for_main: Sequence[str],
-    num_processes: int,
-    devices_per_process: int,
-    port: int | None = None,
-    env: Mapping[str, str] | None = None,
-    *,
-    jax_platforms: str | None = "cpu",
-    command: Sequence[str] = MAIN,
-    grace_secs: float = 10.0,
-    out: TextIO | None = None,
+  argv_for_main: Sequence[str],
+  num_processes: int,
+  devices_per_process: int,
+  port: int | None = None,
+  env: Mapping[str, str] | None = None,
+  *,
+  jax_platforms: str | None = "cpu",
+  command: Sequence[str] = MAIN,
+  grace_secs: float = 10.0,
+  out: TextIO | None = None,
 ) -> int:
   """Runs `command + argv_for_main` as processes 0..N-1 of one job; returns the job's status.
 
@@ -133,27 +135,38 @@ def launch(
     0 if every process exits 0, else the first failure's status (128 + N for signal N).
   """
   if num_processes < 1 or devices_per_process < 1:
-    raise ValueError(f"num_processes={num_processes} and devices_per_process="
-                     f"{devices_per_process} must be at least 1.")
+    raise ValueError(
+      f"num_processes={num_processes} and devices_per_process="
+      f"{devices_per_process} must be at least 1."
+    )
   clashing = [a for a in argv_for_main if a.split("=")[0] in _LAUNCHER_FLAGS]
   if clashing:
     raise ValueError(f"The launcher sets {', '.join(_LAUNCHER_FLAGS)} itself; remove {clashing}.")
   port = port or free_port()
   out = out or sys.stdout
-  environment = child_env(os.environ if env is None else env, devices_per_process,
-                          jax_platforms)
+  environment = child_env(os.environ if env is None else env, devices_per_process, jax_platforms)
   lock = threading.Lock()
   children = _Children([], [])
   handlers = _forward_signals(children)
   try:
     for i in range(num_processes):
       proc = subprocess.Popen(
-          [*command, *argv_for_main, f"--coordinator_address=localhost:{port}",
-           f"--num_processes={num_processes}", f"--process_id={i}"],
-          env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, start_new_session=True)  # Signals reach them only via us.
-      thread = threading.Thread(target=_copy_lines, args=(proc.stdout, f"[{i}] ", out, lock),
-                                daemon=True)
+        [
+          *command,
+          *argv_for_main,
+          f"--coordinator_address=localhost:{port}",
+          f"--num_processes={num_processes}",
+          f"--process_id={i}",
+        ],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+      )  # Signals reach them only via us.
+      thread = threading.Thread(
+        target=_copy_lines, args=(proc.stdout, f"[{i}] ", out, lock), daemon=True
+      )
       thread.start()
       children.procs.append(proc)
       children.threads.append(thread)
@@ -181,23 +194,35 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   argv = list(argv)
   split = argv.index("--") if "--" in argv else len(argv)
   parser = argparse.ArgumentParser(
-      prog="launch/local_multiprocess.py",
-      usage="%(prog)s [--num_processes=N] [--devices_per_process=K] [--port=P] -- MAIN_FLAGS",
-      description="Runs N processes of ddpm_jax.main on this machine, as one multi-host job.")
+    prog="launch/local_multiprocess.py",
+    usage="%(prog)s [--num_processes=N] [--devices_per_process=K] [--port=P] -- MAIN_FLAGS",
+    description="Runs N processes of ddpm_jax.main on this machine, as one multi-host job.",
+  )
   parser.add_argument("--num_processes", type=int, default=2)
-  parser.add_argument("--devices_per_process", type=int, default=1,
-                      help="Simulated CPU devices per process (XLA_FLAGS).")
-  parser.add_argument("--port", type=int, default=None,
-                      help="Coordinator port on localhost (default: a free one).")
-  parser.add_argument("--jax_platforms", default="cpu",
-                      help="JAX_PLATFORMS for the processes; '' keeps the environment's.")
-  parser.add_argument("--grace_secs", type=float, default=10.0,
-                      help="Time stopped processes get before SIGKILL.")
+  parser.add_argument(
+    "--devices_per_process",
+    type=int,
+    default=1,
+    help="Simulated CPU devices per process (XLA_FLAGS).",
+  )
+  parser.add_argument(
+    "--port", type=int, default=None, help="Coordinator port on localhost (default: a free one)."
+  )
+  parser.add_argument(
+    "--jax_platforms",
+    default="cpu",
+    help="JAX_PLATFORMS for the processes; '' keeps the environment's.",
+  )
+  parser.add_argument(
+    "--grace_secs", type=float, default=10.0, help="Time stopped processes get before SIGKILL."
+  )
   args = parser.parse_args(argv[:split])
-  main_argv = argv[split + 1:]
+  main_argv = argv[split + 1 :]
   if not main_argv:
-    parser.error("give ddpm_jax.main's flags after '--', e.g. -- --config=configs/digits.py "
-                 "--workdir=/tmp/ddpm")
+    parser.error(
+      "give ddpm_jax.main's flags after '--', e.g. -- --config=configs/digits.py "
+      "--workdir=/tmp/ddpm"
+    )
   for name in ("num_processes", "devices_per_process"):
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)} must be at least 1")
@@ -209,8 +234,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str]) -> int:
   args, main_argv = parse_args(argv)
-  return launch(main_argv, args.num_processes, args.devices_per_process, args.port,
-                jax_platforms=args.jax_platforms, grace_secs=args.grace_secs)
+  return launch(
+    main_argv,
+    args.num_processes,
+    args.devices_per_process,
+    args.port,
+    jax_platforms=args.jax_platforms,
+    grace_secs=args.grace_secs,
+  )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,10 @@ import sys
 def find_checkout() -> pathlib.Path | None:
   """The ddpm_jax checkout holding the working directory (a parent with setup.py and ddpm_jax/)."""
   cwd = pathlib.Path.cwd()
-  return next((d for d in (cwd, *cwd.parents)
-               if (d / "setup.py").is_file() and (d / "ddpm_jax").is_dir()), None)
+  return next(
+    (d for d in (cwd, *cwd.parents) if (d / "setup.py").is_file() and (d / "ddpm_jax").is_dir()),
+    None,
+  )
 
 
 if importlib.util.find_spec("ddpm_jax") is None or importlib.util.find_spec("configs") is None:
@@ -76,16 +78,20 @@ if importlib.util.find_spec("ddpm_jax") is None or importlib.util.find_spec("con
   if checkout is None and REPO_URL:
     checkout = pathlib.Path("ddpm_jax_repo").absolute()  # configs/ is in the repository only.
     if not checkout.exists():
-      subprocess.check_call(["git", "clone", "--depth=1", REPO_URL.removeprefix("git+"),
-                             str(checkout)])
+      subprocess.check_call(
+        ["git", "clone", "--depth=1", REPO_URL.removeprefix("git+"), str(checkout)]
+      )
   if checkout is None:
-    raise ValueError("ddpm_jax is not installed and this notebook is not inside a checkout of "
-                     "it: set REPO_URL in the first cell to the git URL of your ddpm_jax "
-                     "repository, then run the notebook again from the top.")
+    raise ValueError(
+      "ddpm_jax is not installed and this notebook is not inside a checkout of "
+      "it: set REPO_URL in the first cell to the git URL of your ddpm_jax "
+      "repository, then run the notebook again from the top."
+    )
   if importlib.util.find_spec("ddpm_jax") is None:
     extra = "cuda12" if shutil.which("nvidia-smi") else "cpu"  # On a TPU runtime: "tpu".
     subprocess.check_call(
-        [sys.executable, "-m", "pip", "install", "-q", "-e", f"{checkout}[{extra}]"])
+      [sys.executable, "-m", "pip", "install", "-q", "-e", f"{checkout}[{extra}]"]
+    )
   sys.path.insert(0, str(checkout))  # configs/; pip's editable finder loads at start-up only.
   importlib.invalidate_caches()
 print("ddpm_jax:", os.path.dirname(importlib.util.find_spec("ddpm_jax").origin))
@@ -116,8 +122,16 @@ def show(image: np.ndarray, scale: int = 4) -> None:
   IPython.display.display(IPython.display.Image(data=buffer.getvalue()))
 
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+COLORS = [
+  (31, 119, 180),
+  (255, 127, 14),
+  (44, 160, 44),
+  (214, 39, 40),
+  (148, 103, 189),
+  (140, 86, 75),
+  (227, 119, 194),
+  (127, 127, 127),
+]
 
 
 def ticks(lo: float, hi: float, log: bool) -> np.ndarray:
@@ -126,13 +140,24 @@ def ticks(lo: float, hi: float, log: bool) -> np.ndarray:
   if log and hi - lo >= 1:
     return np.arange(np.ceil(lo), np.floor(hi) + 1)
   raw = (hi - lo) / 4
-  step = next(m * 10 ** np.floor(np.log10(raw)) for m in (1, 2, 2.5, 5, 10)
-              if m * 10 ** np.floor(np.log10(raw)) >= raw)
+  step = next(
+    m * 10 ** np.floor(np.log10(raw))
+    for m in (1, 2, 2.5, 5, 10)
+    if m * 10 ** np.floor(np.log10(raw)) >= raw
+  )
   return np.arange(np.ceil(lo / step) * step, hi + 1e-9 * step, step)
 
 
-def line_plot(curves: dict, *, title: str, xlabel: str, ylabel: str, log_x: bool = False,
-              log_y: bool = False, size: tuple[int, int] = (640, 300)) -> np.ndarray:
+def line_plot(
+  curves: dict,
+  *,
+  title: str,
+  xlabel: str,
+  ylabel: str,
+  log_x: bool = False,
+  log_y: bool = False,
+  size: tuple[int, int] = (640, 300),
+) -> np.ndarray:
   """Draws {name: (x [N], y [N])} as lines with PIL, a legend on the right. uint8 [H, W, 3]."""
   width, height = size
   left, top, right, bottom = 70, 30, 150, 40
@@ -149,20 +174,25 @@ def line_plot(curves: dict, *, title: str, xlabel: str, ylabel: str, log_x: bool
   draw.rectangle((left, top, width - right, height - bottom), outline="black")
   for v in ticks(x0, x1, log_x):
     draw.line((px(v), height - bottom, px(v), height - bottom + 4), fill="black")
-    draw.text((px(v), height - bottom + 6), f"{10**v if log_x else v:.3g}", fill="black",
-              font=font, anchor="ma")
+    draw.text(
+      (px(v), height - bottom + 6),
+      f"{10**v if log_x else v:.3g}",
+      fill="black",
+      font=font,
+      anchor="ma",
+    )
   for v in ticks(y0, y1, log_y):
     draw.line((left - 4, py(v), left, py(v)), fill="black")
-    draw.text((left - 6, py(v)), f"{10**v if log_y else v:.3g}", fill="black", font=font,
-              anchor="rm")
+    draw.text(
+      (left - 6, py(v)), f"{10**v if log_y else v:.3g}", fill="black", font=font, anchor="rm"
+    )
   for i, (name, (x, y)) in enumerate(curves.items()):
     color, legend_y = COLORS[i % len(COLORS)], top + 8 + 16 * i
     draw.line(list(zip(px(tx(x)), py(ty(y)), strict=True)), fill=color, width=2)
     draw.line((width - right + 10, legend_y, width - right + 30, legend_y), fill=color, width=3)
     draw.text((width - right + 36, legend_y), name, fill="black", font=font, anchor="lm")
   draw.text((width / 2, 8), title, fill="black", font=font, anchor="ma")
-  draw.text(((left + width - right) / 2, height - 16), xlabel, fill="black", font=font,
-            anchor="ma")
+  draw.text(((left + width - right) / 2, height - 16), xlabel, fill="black", font=font, anchor="ma")
   draw.text((4, 8), ylabel, fill="black", font=font)
   return np.asarray(image)
 
@@ -191,8 +221,10 @@ x_start = np.repeat(test_data[:1], len(steps), axis=0)
 eps = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (1, 8, 8, 1))).repeat(len(steps), 0)
 x_t = gd.q_sample(x_start, jnp.asarray(steps), eps)
 for t in steps:
-  print(f"t = {t:3d}: sqrt(abar_t) = {np.sqrt(gd.alphas_cumprod[t]):.4f}, "
-        f"sqrt(1 - abar_t) = {np.sqrt(1 - gd.alphas_cumprod[t]):.4f}")
+  print(
+    f"t = {t:3d}: sqrt(abar_t) = {np.sqrt(gd.alphas_cumprod[t]):.4f}, "
+    f"sqrt(1 - abar_t) = {np.sqrt(1 - gd.alphas_cumprod[t]):.4f}"
+  )
 show(image_grid.make_grid(image_grid.to_uint8(x_t), num_cols=len(steps)), scale=8)
 
 # %% [markdown]
@@ -207,8 +239,10 @@ for t in range(T):
   x = np.sqrt(1 - betas[t]) * x + np.sqrt(betas[t]) * rng.standard_normal(x.shape)
   if t in (99, 499, 999):
     abar = gd.alphas_cumprod[t]
-    print(f"t = {t:3d}: mean {x.mean():+.4f} vs {np.sqrt(abar) * 0.8:+.4f}, "
-          f"std {x.std():.4f} vs {np.sqrt(1 - abar):.4f}")
+    print(
+      f"t = {t:3d}: mean {x.mean():+.4f} vs {np.sqrt(abar) * 0.8:+.4f}, "
+      f"std {x.std():.4f} vs {np.sqrt(1 - abar):.4f}"
+    )
 
 # %% [markdown]
 # ## 2. Noise schedules
@@ -223,18 +257,29 @@ for t in range(T):
 
 # %% cell_id="schedules"
 abars = {}
-print(f"{'schedule':>9} {'beta_0':>10} {'beta_999':>10} {'abar_249':>10} {'abar_499':>10} "
-      f"{'abar_749':>10} {'abar_999':>10}")
+print(
+  f"{'schedule':>9} {'beta_0':>10} {'beta_999':>10} {'abar_249':>10} {'abar_499':>10} "
+  f"{'abar_749':>10} {'abar_999':>10}"
+)
 for name in diffusion.BETA_SCHEDULES:
   b = diffusion.get_beta_schedule(name, beta_start=1e-4, beta_end=0.02, num_timesteps=T)
   abars[name] = np.cumprod(1.0 - b)
   a = abars[name]
-  print(f"{name:>9} {b[0]:10.4e} {b[-1]:10.4e} {a[249]:10.4e} {a[499]:10.4e} {a[749]:10.4e} "
-        f"{a[999]:10.4e}")
+  print(
+    f"{name:>9} {b[0]:10.4e} {b[-1]:10.4e} {a[249]:10.4e} {a[499]:10.4e} {a[749]:10.4e} "
+    f"{a[999]:10.4e}"
+  )
 print(f"linear: abar_999 = {abars['linear'][999]:.4e}")
 t_axis = np.arange(T)
-show(line_plot({k: (t_axis, v) for k, v in abars.items()}, title="abar_t by schedule",
-               xlabel="t", ylabel="abar_t"), scale=1)
+show(
+  line_plot(
+    {k: (t_axis, v) for k, v in abars.items()},
+    title="abar_t by schedule",
+    xlabel="t",
+    ylabel="abar_t",
+  ),
+  scale=1,
+)
 
 # %% [markdown]
 # ## 3. The posterior and the two reverse variances
@@ -256,14 +301,27 @@ show(line_plot({k: (t_axis, v) for k, v in abars.items()}, title="abar_t by sche
 # %% cell_id="posterior"
 print(f"{'t':>4} {'beta_t':>11} {'beta~_t':>11} {'beta~/beta':>10}")
 for t in (0, 1, 2, 5, 10, 50, 100, 500, 999):
-  print(f"{t:4d} {gd.betas[t]:11.4e} {gd.posterior_variance[t]:11.4e} "
-        f"{gd.posterior_variance[t] / gd.betas[t]:10.4f}")
-print(f"beta~_1 = {gd.posterior_variance[1]:.4e}, "
-      f"posterior_log_variance_clipped[0] = {gd.posterior_log_variance_clipped[0]:.5f}")
+  print(
+    f"{t:4d} {gd.betas[t]:11.4e} {gd.posterior_variance[t]:11.4e} "
+    f"{gd.posterior_variance[t] / gd.betas[t]:10.4f}"
+  )
+print(
+  f"beta~_1 = {gd.posterior_variance[1]:.4e}, "
+  f"posterior_log_variance_clipped[0] = {gd.posterior_log_variance_clipped[0]:.5f}"
+)
 t_axis = np.arange(1, T)
 variances = {"beta_t": (t_axis, gd.betas[1:]), "beta~_t": (t_axis, gd.posterior_variance[1:])}
-show(line_plot(variances, title="the two reverse variances", xlabel="t", ylabel="variance",
-               log_x=True, log_y=True), scale=1)
+show(
+  line_plot(
+    variances,
+    title="the two reverse variances",
+    xlabel="t",
+    ylabel="variance",
+    log_x=True,
+    log_y=True,
+  ),
+  scale=1,
+)
 
 # %% [markdown]
 # ## 4. A denoiser in closed form
@@ -305,7 +363,8 @@ def gaussian_eps(x_t, t):
 print(f"the 3 largest of the 64 variances: {np.asarray(lam[-3:])}")
 NUM_SAMPLES = 16 if SMALL else 64
 samples = jax.jit(lambda rng: gd.p_sample_loop(gaussian_eps, (NUM_SAMPLES, 8, 8, 1), rng))(
-    jax.random.PRNGKey(1))
+  jax.random.PRNGKey(1)
+)
 print(f"samples shape {samples.shape}")
 show(image_grid.make_grid(image_grid.to_uint8(samples)), scale=6)
 
@@ -331,16 +390,27 @@ bounds = {}
 for var_type in ("fixedlarge", "fixedsmall"):
   d = diffusion.GaussianDiffusion(betas, model_mean_type="eps", model_var_type=var_type)
   out = jax.jit(lambda x, rng, d=d: d.calc_bpd_loop(gaussian_eps, x, rng))(
-      x_eval, jax.random.PRNGKey(2))
+    x_eval, jax.random.PRNGKey(2)
+  )
   bounds[var_type] = out = jax.tree.map(np.asarray, out)
   terms = out["terms_bpd"].mean(axis=0)
-  print(f"{var_type}: total {out['total_bpd'].mean():.4f} bits/dim = prior "
-        f"{out['prior_bpd'].mean():.2e} + L_1..L_999 {terms[1:].sum():.4f} + "
-        f"decoder L_0 {terms[0]:.4f} ({NUM_BPD} test digits)")
+  print(
+    f"{var_type}: total {out['total_bpd'].mean():.4f} bits/dim = prior "
+    f"{out['prior_bpd'].mean():.2e} + L_1..L_999 {terms[1:].sum():.4f} + "
+    f"decoder L_0 {terms[0]:.4f} ({NUM_BPD} test digits)"
+  )
 t_axis = np.arange(1, T)
-show(line_plot({k: (t_axis, v["terms_bpd"].mean(axis=0)[1:]) for k, v in bounds.items()},
-               title="the bound's terms L_t", xlabel="t", ylabel="bits/dim",
-               log_x=True, log_y=True), scale=1)
+show(
+  line_plot(
+    {k: (t_axis, v["terms_bpd"].mean(axis=0)[1:]) for k, v in bounds.items()},
+    title="the bound's terms L_t",
+    xlabel="t",
+    ylabel="bits/dim",
+    log_x=True,
+    log_y=True,
+  ),
+  scale=1,
+)
 
 # %% [markdown]
 # ## 6. Rate and distortion (Sec. 4.3, Table 4, Fig. 5)
@@ -361,8 +431,10 @@ print(f"{'reverse step':>12} {'rate (bits/dim)':>16} {'distortion (RMSE)':>18}")
 for k, rate, dist in curve.table():
   print(f"{k:12d} {rate:16.5f} {dist:18.5f}")
 decoder = out["terms_bpd"][:, 0].mean()
-print(f"rate at T {curve.rate[-1]:.4f} + decoder {decoder:.4f} = total "
-      f"{out['total_bpd'].mean():.4f} bits/dim")
+print(
+  f"rate at T {curve.rate[-1]:.4f} + decoder {decoder:.4f} = total "
+  f"{out['total_bpd'].mean():.4f} bits/dim"
+)
 show(rate_distortion.render_plot(curve.rate, curve.distortion), scale=1)
 
 # %% [markdown]

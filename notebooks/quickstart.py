@@ -70,8 +70,10 @@ import sys
 def find_checkout() -> pathlib.Path | None:
   """The ddpm_jax checkout holding the working directory (a parent with setup.py and ddpm_jax/)."""
   cwd = pathlib.Path.cwd()
-  return next((d for d in (cwd, *cwd.parents)
-               if (d / "setup.py").is_file() and (d / "ddpm_jax").is_dir()), None)
+  return next(
+    (d for d in (cwd, *cwd.parents) if (d / "setup.py").is_file() and (d / "ddpm_jax").is_dir()),
+    None,
+  )
 
 
 if importlib.util.find_spec("ddpm_jax") is None or importlib.util.find_spec("configs") is None:
@@ -79,16 +81,20 @@ if importlib.util.find_spec("ddpm_jax") is None or importlib.util.find_spec("con
   if checkout is None and REPO_URL:
     checkout = pathlib.Path("ddpm_jax_repo").absolute()  # configs/ is in the repository only.
     if not checkout.exists():
-      subprocess.check_call(["git", "clone", "--depth=1", REPO_URL.removeprefix("git+"),
-                             str(checkout)])
+      subprocess.check_call(
+        ["git", "clone", "--depth=1", REPO_URL.removeprefix("git+"), str(checkout)]
+      )
   if checkout is None:
-    raise ValueError("ddpm_jax is not installed and this notebook is not inside a checkout of "
-                     "it: set REPO_URL in the first cell to the git URL of your ddpm_jax "
-                     "repository, then run the notebook again from the top.")
+    raise ValueError(
+      "ddpm_jax is not installed and this notebook is not inside a checkout of "
+      "it: set REPO_URL in the first cell to the git URL of your ddpm_jax "
+      "repository, then run the notebook again from the top."
+    )
   if importlib.util.find_spec("ddpm_jax") is None:
     extra = "cuda12" if shutil.which("nvidia-smi") else "cpu"  # On a TPU runtime: "tpu".
     subprocess.check_call(
-        [sys.executable, "-m", "pip", "install", "-q", "-e", f"{checkout}[{extra}]"])
+      [sys.executable, "-m", "pip", "install", "-q", "-e", f"{checkout}[{extra}]"]
+    )
   sys.path.insert(0, str(checkout))  # configs/; pip's editable finder loads at start-up only.
   importlib.invalidate_caches()
 print("ddpm_jax:", os.path.dirname(importlib.util.find_spec("ddpm_jax").origin))
@@ -167,8 +173,10 @@ if SMALL:
 
 m, d, t = config.model, config.diffusion, config.training
 print(f"U-Net ch {m.ch}, ch_mult {tuple(m.ch_mult)}, attention at {tuple(m.attn_resolutions)}")
-print(f"diffusion {d.beta_schedule} betas {d.beta_start}..{d.beta_end}, T = {d.num_timesteps}, "
-      f"predicts {d.model_mean_type}, variance {d.model_var_type}, loss {d.loss_type}")
+print(
+  f"diffusion {d.beta_schedule} betas {d.beta_start}..{d.beta_end}, T = {d.num_timesteps}, "
+  f"predicts {d.model_mean_type}, variance {d.model_var_type}, loss {d.loss_type}"
+)
 print(f"training {t.num_train_steps} steps of batch {t.batch_size}, lr {config.optim.lr}")
 
 # %% [markdown]
@@ -184,8 +192,7 @@ print(f"training {t.num_train_steps} steps of batch {t.batch_size}, lr {config.o
 
 # %% cell_id="train"
 state = loop.train_and_evaluate(config, WORKDIR)
-print(f"trained to step {int(state.step)}; "
-      f"{parallel.param_count(state.params):,} parameters")
+print(f"trained to step {int(state.step)}; {parallel.param_count(state.params):,} parameters")
 
 
 # %% [markdown]
@@ -195,6 +202,7 @@ print(f"trained to step {int(state.step)}; "
 # digits at random $t$ and $\epsilon$. An untrained network predicts $\epsilon_\theta = 0$ (its
 # last convolution starts near zero), which scores 1.0.
 
+
 # %% cell_id="loss"
 def logged_scalars(workdir: str, tag: str) -> list[tuple[int, float]]:
   """(step, value) of a scalar that the training job wrote to its TensorBoard events."""
@@ -202,8 +210,9 @@ def logged_scalars(workdir: str, tag: str) -> list[tuple[int, float]]:
   for path in tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*")):
     for record in tf.data.TFRecordDataset(path):
       event = tf.compat.v1.Event.FromString(record.numpy())
-      rows += [(event.step, float(tf.make_ndarray(v.tensor)))
-               for v in event.summary.value if v.tag == tag]
+      rows += [
+        (event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value if v.tag == tag
+      ]
   return sorted(rows)
 
 
@@ -287,7 +296,8 @@ show(image_grid.make_grid(image_grid.to_uint8(ddim)), scale=6)
 # %% cell_id="progressive"
 keys = samplers.sample_keys(jax.random.PRNGKey(2), 0, 8)  # One key per sample.
 table = figures.progressive_generation(
-    diffusion, model, ema_params, keys, image_shape, num_snapshots=10 if SMALL else 20)
+  diffusion, model, ema_params, keys, image_shape, num_snapshots=10 if SMALL else 20
+)
 print(f"progressive table shape {table.shape}")
 show(figures.tile(table), scale=6)
 

@@ -94,8 +94,10 @@ import sys
 def find_checkout() -> pathlib.Path | None:
   """The ddpm_jax checkout holding the working directory (a parent with setup.py and ddpm_jax/)."""
   cwd = pathlib.Path.cwd()
-  return next((d for d in (cwd, *cwd.parents)
-               if (d / "setup.py").is_file() and (d / "ddpm_jax").is_dir()), None)
+  return next(
+    (d for d in (cwd, *cwd.parents) if (d / "setup.py").is_file() and (d / "ddpm_jax").is_dir()),
+    None,
+  )
 
 
 if importlib.util.find_spec("ddpm_jax") is None or importlib.util.find_spec("configs") is None:
@@ -103,16 +105,20 @@ if importlib.util.find_spec("ddpm_jax") is None or importlib.util.find_spec("con
   if checkout is None and REPO_URL:
     checkout = pathlib.Path("ddpm_jax_repo").absolute()  # configs/ is in the repository only.
     if not checkout.exists():
-      subprocess.check_call(["git", "clone", "--depth=1", REPO_URL.removeprefix("git+"),
-                             str(checkout)])
+      subprocess.check_call(
+        ["git", "clone", "--depth=1", REPO_URL.removeprefix("git+"), str(checkout)]
+      )
   if checkout is None:
-    raise ValueError("ddpm_jax is not installed and this notebook is not inside a checkout of "
-                     "it: set REPO_URL in the first cell to the git URL of your ddpm_jax "
-                     "repository, then run the notebook again from the top.")
+    raise ValueError(
+      "ddpm_jax is not installed and this notebook is not inside a checkout of "
+      "it: set REPO_URL in the first cell to the git URL of your ddpm_jax "
+      "repository, then run the notebook again from the top."
+    )
   if importlib.util.find_spec("ddpm_jax") is None:
     extra = "cuda12" if shutil.which("nvidia-smi") else "cpu"  # On a TPU runtime: "tpu".
     subprocess.check_call(
-        [sys.executable, "-m", "pip", "install", "-q", "-e", f"{checkout}[{extra}]"])
+      [sys.executable, "-m", "pip", "install", "-q", "-e", f"{checkout}[{extra}]"]
+    )
   sys.path.insert(0, str(checkout))  # configs/; pip's editable finder loads at start-up only.
   importlib.invalidate_caches()
 print("ddpm_jax:", os.path.dirname(importlib.util.find_spec("ddpm_jax").origin))
@@ -160,23 +166,36 @@ def show(image: np.ndarray, scale: int = 4) -> None:
 
 # %% cell_id="config"
 OFFICIAL = {  # MODEL: (config module, diffusers repository, TF1 checkpoint in TF_ROOT)
-    "cifar10": ("cifar10", "google/ddpm-cifar10-32",
-                "diffusion_cifar10_model/model.ckpt-790000"),
-    "lsun_church": ("lsun_church", "google/ddpm-ema-church-256",
-                    "diffusion_lsun_church_model/model.ckpt-4432000"),
-    "lsun_bedroom": ("lsun_bedroom", "google/ddpm-ema-bedroom-256",
-                     "diffusion_lsun_bedroom_model/model.ckpt-2388000"),
-    "lsun_cat": ("lsun_cat", "google/ddpm-ema-cat-256",
-                 "diffusion_lsun_cat_model/model.ckpt-1761000"),
-    "celeb_a_hq": ("celeb_a_hq", "google/ddpm-ema-celebahq-256", None),
+  "cifar10": ("cifar10", "google/ddpm-cifar10-32", "diffusion_cifar10_model/model.ckpt-790000"),
+  "lsun_church": (
+    "lsun_church",
+    "google/ddpm-ema-church-256",
+    "diffusion_lsun_church_model/model.ckpt-4432000",
+  ),
+  "lsun_bedroom": (
+    "lsun_bedroom",
+    "google/ddpm-ema-bedroom-256",
+    "diffusion_lsun_bedroom_model/model.ckpt-2388000",
+  ),
+  "lsun_cat": (
+    "lsun_cat",
+    "google/ddpm-ema-cat-256",
+    "diffusion_lsun_cat_model/model.ckpt-1761000",
+  ),
+  "celeb_a_hq": ("celeb_a_hq", "google/ddpm-ema-celebahq-256", None),
 }
 config_module, hub_repo, tf_checkpoint = OFFICIAL[MODEL]
 config = importlib.import_module(f"configs.{config_module}").get_config()
 OVERRIDES = {}
 if SMALL:
-  OVERRIDES = {"data.image_size": 16, "model.ch": 32, "model.ch_mult": (1, 2),
-               "model.num_res_blocks": 1, "model.attn_resolutions": (8,),
-               "diffusion.num_timesteps": 20}
+  OVERRIDES = {
+    "data.image_size": 16,
+    "model.ch": 32,
+    "model.ch_mult": (1, 2),
+    "model.num_res_blocks": 1,
+    "model.attn_resolutions": (8,),
+    "diffusion.num_timesteps": 20,
+  }
 for key, value in OVERRIDES.items():
   section, field = key.split(".")
   config[section][field] = value
@@ -194,6 +213,7 @@ print(f"{config_file}: images {image_shape}, U-Net of {num_params:,} parameters"
 # no account needed); the TF1 checkpoint must already be at `TF_ROOT` (mount your Drive with
 # `from google.colab import drive; drive.mount("/content/drive")`). Files are downloaded once
 # into `WORKDIR/download`.
+
 
 # %% cell_id="download"
 def hub_download(repo: str, filename: str, directory: str) -> str | None:
@@ -231,8 +251,9 @@ else:
   INPUT = os.path.join(TF_ROOT, tf_checkpoint)
   if not tf.io.gfile.exists(INPUT + ".index"):
     raise FileNotFoundError(
-        f"{INPUT}.index does not exist: put the .index and .data-* files of {tf_checkpoint} "
-        f"from the authors' release there (see the top of this notebook), or set TF_ROOT.")
+      f"{INPUT}.index does not exist: put the .index and .data-* files of {tf_checkpoint} "
+      f"from the authors' release there (see the top of this notebook), or set TF_ROOT."
+    )
   print(f"TF1 checkpoint {INPUT}")
 
 
@@ -243,6 +264,7 @@ else:
 # safetensors file. `convert.to_tf_names` and `convert.to_diffusers_state_dict` are the
 # inverse mappings of the importers.
 
+
 # %% cell_id="synthetic"
 def random_params(config, seed: int) -> dict:
   """Random weights of the config's U-Net (numpy), scaled like a trained network's."""
@@ -250,16 +272,21 @@ def random_params(config, seed: int) -> dict:
   flat = {}
   for path, leaf in matching.variable_shapes(config).items():
     fan_in = math.prod(leaf.shape[:-1]) if path.endswith("/kernel") else 100
-    flat[path] = (rng.normal(size=leaf.shape) / math.sqrt(fan_in)
-                  + path.endswith("/scale")).astype(np.float32)
+    flat[path] = (rng.normal(size=leaf.shape) / math.sqrt(fan_in) + path.endswith("/scale")).astype(
+      np.float32
+    )
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def write_tf1_checkpoint(prefix: str, variables: dict) -> str:
   """Writes {TF name: array} as a TF1 name-based checkpoint (.index and .data files)."""
   names = sorted(variables)
-  tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                    tensors=[variables[n] for n in names])
+  tf.raw_ops.SaveV2(
+    prefix=prefix,
+    tensor_names=names,
+    shape_and_slices=[""] * len(names),
+    tensors=[variables[n] for n in names],
+  )
   return prefix
 
 
@@ -270,14 +297,16 @@ if SMALL:
   synthetic = os.path.join(WORKDIR, "synthetic")
   os.makedirs(synthetic, exist_ok=True)
   inputs = {
-      "tf": write_tf1_checkpoint(os.path.join(synthetic, "model.ckpt-790000"), raw | ema),
-      "diffusers": os.path.join(synthetic, "diffusion_pytorch_model.safetensors"),
+    "tf": write_tf1_checkpoint(os.path.join(synthetic, "model.ckpt-790000"), raw | ema),
+    "diffusers": os.path.join(synthetic, "diffusion_pytorch_model.safetensors"),
   }
   state_dict = diffusers_weights.to_diffusers_state_dict(source_params)
   safetensors.numpy.save_file(state_dict, inputs["diffusers"])
   INPUT = inputs[SOURCE]
-  print(f"wrote {len(raw | ema)} TF variables and {len(state_dict)} diffusers tensors; "
-        f"converting {INPUT}")
+  print(
+    f"wrote {len(raw | ema)} TF variables and {len(state_dict)} diffusers tensors; "
+    f"converting {INPUT}"
+  )
 
 # %% [markdown]
 # ## Convert
@@ -301,8 +330,13 @@ if os.path.isdir(checkpoint):
 else:
   checkpoint = convert.convert(SOURCE, INPUT, config, WORKDIR)
   print(f"wrote {checkpoint}")
-flags = [f"--source={SOURCE}", f"--input={INPUT}", f"--config={config_file}",
-         *(f"--config.{k}='{v}'" for k, v in OVERRIDES.items()), f"--workdir={WORKDIR}"]
+flags = [
+  f"--source={SOURCE}",
+  f"--input={INPUT}",
+  f"--config={config_file}",
+  *(f"--config.{k}='{v}'" for k, v in OVERRIDES.items()),
+  f"--workdir={WORKDIR}",
+]
 print("the same from a shell: python -m ddpm_jax.convert", " ".join(flags))
 
 # %% [markdown]
@@ -317,8 +351,7 @@ print("the same from a shell: python -m ddpm_jax.convert", " ".join(flags))
 # (it installs `diffusers`).
 
 # %% cell_id="check"
-ema_params, restored_step = model_bundle.ModelBundle.from_config(config).load_ema_params(
-    WORKDIR)
+ema_params, restored_step = model_bundle.ModelBundle.from_config(config).load_ema_params(WORKDIR)
 ema_params = jax.device_get(ema_params)
 if SMALL:
   reference, what = source_params, "the source weights"
@@ -334,8 +367,10 @@ apply = jax.jit(model.apply)
 ours = np.asarray(apply({"params": ema_params}, x, t))
 theirs = np.asarray(apply({"params": reference}, x, t))
 print(f"restored step {restored_step}; output std {ours.std():.4f}")
-print(f"max abs diff between the outputs of the converted model and of {what}: "
-      f"{np.abs(ours - theirs).max():.3e}")
+print(
+  f"max abs diff between the outputs of the converted model and of {what}: "
+  f"{np.abs(ours - theirs).max():.3e}"
+)
 
 # %% cell_id="check_torch"
 CHECK_WITH_PYTORCH = not SMALL and SOURCE == "diffusers"

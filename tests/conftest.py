@@ -48,8 +48,12 @@ def tiny_config():
 def subprocess_env(devices):
   """The environment of a subprocess with `devices` simulated CPU devices, importing this
   checkout."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=REPO,
+  )
   return env
 
 

@@ -22,8 +22,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _ours_cli(*args: str) -> dict:
   """`python -m benchmarks.ours ...` on one CPU device -> its JSON result."""
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.ours", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600, check=True)
+  proc = subprocess.run(
+    [sys.executable, "-m", "benchmarks.ours", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=True,
+  )
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -47,8 +54,7 @@ def test_train_figure_and_flops(tmp_path):
   # its kernel gradients, ~3x the forward's.
   model_forward = flops.model_flops(model.apply, {"params": params}, x, t)
   assert 2.8 * model_forward < s["model_flops_per_step"] < 3.2 * model_forward
-  assert s["model_gflops_per_s"] == pytest.approx(
-    s["model_flops_per_step"] * result["value"] / 1e9)
+  assert s["model_gflops_per_s"] == pytest.approx(s["model_flops_per_step"] * result["value"] / 1e9)
   assert s["final_loss"] > 0
 
 
@@ -60,7 +66,8 @@ def test_memory_model_shrinks_with_remat(tmp_path):
   # The state is params + EMA + two Adam moments; remat only changes the saved activations.
   assert results[True]["train_state_bytes"] == results[False]["train_state_bytes"]
   assert results[True]["train_state_bytes"] == pytest.approx(
-    4 * results[True]["gradients_bytes"], rel=0.01)
+    4 * results[True]["gradients_bytes"], rel=0.01
+  )
   assert results[True]["saved_activations_bytes"] < 0.5 * results[False]["saved_activations_bytes"]
   parts = ("train_state", "gradients", "saved_activations", "block_working_set")
   for s in results.values():
@@ -70,8 +77,13 @@ def test_memory_model_shrinks_with_remat(tmp_path):
 def test_compile_is_cached_across_processes(tmp_path):
   """A second process finds the compiled train step in the persistent cache (no new entries)."""
   cache = str(tmp_path / "cache")
-  args = ("compile", "--config=digits", "--batch=8", f"--cache_dir={cache}",
-          "--set=model.num_res_blocks=1")
+  args = (
+    "compile",
+    "--config=digits",
+    "--batch=8",
+    f"--cache_dir={cache}",
+    "--set=model.num_res_blocks=1",
+  )
   cold = _ours_cli(*args)["settings"]
   warm = _ours_cli(*args)["settings"]
   assert cold["cache_entries_before"] == 0 and cold["cache_entries_after"] > 0
@@ -92,31 +104,50 @@ def test_enable_compilation_cache(tmp_path):
 
 def test_overrides_keep_field_types():
   config = tiny_digits_config()
-  ours.apply_overrides(config, ["model.remat=True", "model.conv_impl=shifted_matmul",
-                                "training.batch_size=16", "optim.lr=0.5"])
+  ours.apply_overrides(
+    config,
+    [
+      "model.remat=True",
+      "model.conv_impl=shifted_matmul",
+      "training.batch_size=16",
+      "optim.lr=0.5",
+    ],
+  )
   assert config.model.remat is True and config.model.conv_impl == "shifted_matmul"
   assert config.training.batch_size == 16 and config.optim.lr == 0.5
 
 
 def _record(name, ours_value, peer_value, unit="steps/s"):
-  return dict(workload=name, description="", ours=ours_value, peer=peer_value, unit=unit,
-              ratio=None if peer_value is None else ours_value / peer_value, target=None,
-              meets_target=None, settings=dict(ours={}, peer=None))
+  return dict(
+    workload=name,
+    description="",
+    ours=ours_value,
+    peer=peer_value,
+    unit=unit,
+    ratio=None if peer_value is None else ours_value / peer_value,
+    target=None,
+    meets_target=None,
+    settings=dict(ours={}, peer=None),
+  )
 
 
 def test_workload_record_ratio_and_target(monkeypatch):
-  results = {"benchmarks.ours": dict(value=6.0, unit="steps/s", settings={"images_per_s": 48.0}),
-             "benchmarks.peer": dict(value=4.0, unit="steps/s", settings={"images_per_s": 24.0})}
+  results = {
+    "benchmarks.ours": dict(value=6.0, unit="steps/s", settings={"images_per_s": 48.0}),
+    "benchmarks.peer": dict(value=4.0, unit="steps/s", settings={"images_per_s": 24.0}),
+  }
   monkeypatch.setattr(run, "_run_json", lambda module, args, timeout: (results[module], None))
-  w = run.Workload("x", "d", ["train"], ["train"], target=">= 2x peer",
-                   meets=run._ratio_at_least(2.0))
+  w = run.Workload(
+    "x", "d", ["train"], ["train"], target=">= 2x peer", meets=run._ratio_at_least(2.0)
+  )
   record = run.run_workload(w, quick=False, with_peer=True)
   assert record["ratio"] == pytest.approx(1.5) and record["meets_target"] is False
   assert record["settings"] == {"ours": {"images_per_s": 48.0}, "peer": {"images_per_s": 24.0}}
   assert run.run_workload(w, quick=False, with_peer=False)["peer"] is None
 
-  per_image = run.run_workload(dataclasses.replace(w, per_image=True), quick=False,
-                               with_peer=True)  # Each side's own images/s, from its settings.
+  per_image = run.run_workload(
+    dataclasses.replace(w, per_image=True), quick=False, with_peer=True
+  )  # Each side's own images/s, from its settings.
   assert per_image["unit"] == "images/s" and (per_image["ours"], per_image["peer"]) == (48.0, 24.0)
   assert per_image["ratio"] == pytest.approx(2.0) and per_image["meets_target"] is True
 
@@ -127,10 +158,17 @@ def test_workload_record_ratio_and_target(monkeypatch):
 
 def test_suite_quick_subset_and_targets():
   suite = {w.name: w for w in run.workloads("/tmp/cache")}
-  assert {"digits_train", "digits_sample_ancestral", "digits_sample_ddim50", "cifar10_train",
-          "cifar10_forward", "cifar10_compile_cold", "cifar10_compile_cached",
-          "lsun256_memory_b16_remat", "matmul_peak_f32"} <= {n for n, w in suite.items()
-                                                             if w.in_quick}
+  assert {
+    "digits_train",
+    "digits_sample_ancestral",
+    "digits_sample_ddim50",
+    "cifar10_train",
+    "cifar10_forward",
+    "cifar10_compile_cold",
+    "cifar10_compile_cached",
+    "lsun256_memory_b16_remat",
+    "matmul_peak_f32",
+  } <= {n for n, w in suite.items() if w.in_quick}
   # Quick runs extrapolate the 1000-step chains; the full run samples them.
   assert "--timed_steps=20" in suite["digits_sample_ancestral"].quick_peer
   assert not any(a.startswith("--timed_steps") for a in suite["digits_sample_ancestral"].peer)
@@ -184,8 +222,9 @@ ours.main(["train", "--batch=4", "--steps=1", "--warmup=1", *tiny])
 ours.main(["sample", "--sampler=ddim", "--num_steps=2", "--num_images=4", "--batch=2", *tiny])
 """
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   train, sample = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
   assert train["value"] > 0 and train["settings"]["model_flops_per_step"] > 0

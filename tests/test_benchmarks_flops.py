@@ -8,8 +8,9 @@ from benchmarks import flops
 
 
 def _conv(x, w, groups=1):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=groups,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", feature_group_count=groups, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def test_conv_and_dot_counts():
@@ -19,8 +20,9 @@ def test_conv_and_dot_counts():
   grouped = flops.model_flops(lambda x, w: _conv(x, w, groups=2), x, jnp.ones((3, 3, 4, 12)))
   assert grouped == 2 * (4 * 16 * 16 * 12) * (3 * 3 * 4)
   assert flops.model_flops(jnp.matmul, jnp.ones((5, 7)), jnp.ones((7, 3))) == 2 * 5 * 7 * 3
-  batched = flops.model_flops(lambda a, b: jnp.einsum("bij,bjk->bik", a, b),
-                              jnp.ones((2, 5, 7)), jnp.ones((2, 7, 3)))
+  batched = flops.model_flops(
+    lambda a, b: jnp.einsum("bij,bjk->bik", a, b), jnp.ones((2, 5, 7)), jnp.ones((2, 7, 3))
+  )
   assert batched == 2 * 2 * 5 * 7 * 3
   assert flops.model_flops(lambda a: jnp.tanh(a) + a, jnp.ones((100, 100))) == 0
 
@@ -36,6 +38,7 @@ def test_gradients_scan_remat_and_xla_agreement():
 
   def scanned(x, w):
     return jax.lax.scan(lambda h, _: (_conv(h, w[..., :8]), None), x, length=5)[0]
+
   assert flops.model_flops(scanned, x, w) == 5 * 2 * (4 * 16 * 16 * 8) * (3 * 3 * 8)
   # XLA:CPU's count skips the taps that fall on SAME padding (15/16 of them are inside here
   # per axis) and adds element-wise ops; the jaxpr count includes the padding taps.

@@ -31,18 +31,25 @@ def test_unet2d_config_has_our_variables(get_config):
   model = peer.build_model(config)
   shapes = matching.variable_shapes(config)
   num_levels = len(config.model.ch_mult)
-  ours = {diffusers_weights.diffusers_key(p, num_levels):
-          diffusers_weights.torch_shape(p, tuple(s.shape)) for p, s in shapes.items()}
+  ours = {
+    diffusers_weights.diffusers_key(p, num_levels): diffusers_weights.torch_shape(p, tuple(s.shape))
+    for p, s in shapes.items()
+  }
   assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == ours
   assert sum(p.numel() for p in model.parameters()) == sum(
-    math.prod(s.shape) for s in shapes.values())
+    math.prod(s.shape) for s in shapes.values()
+  )
 
 
 def test_unet2d_config_fields():
   kwargs = peer.unet2d_config(cifar10.get_config())
   assert kwargs["block_out_channels"] == (128, 256, 256, 256)
-  assert kwargs["down_block_types"] == ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
-                                        "DownBlock2D")
+  assert kwargs["down_block_types"] == (
+    "DownBlock2D",
+    "AttnDownBlock2D",
+    "DownBlock2D",
+    "DownBlock2D",
+  )
   assert kwargs["up_block_types"] == ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
   assert (kwargs["dropout"], kwargs["out_channels"], kwargs["layers_per_block"]) == (0.1, 3, 2)
   kwargs = peer.unet2d_config(digits.get_config())
@@ -77,14 +84,17 @@ def test_seed_params_are_our_initial_params_and_load():
   flat = traverse_util.flatten_dict(params, sep="/")
   assert set(flat) == set(matching.variable_shapes(config))
   state_dict = peer.build_model(config, params).state_dict()
-  np.testing.assert_array_equal(state_dict["conv_in.weight"].numpy(),
-                                flat["conv_in/kernel"].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(
+    state_dict["conv_in.weight"].numpy(), flat["conv_in/kernel"].transpose(3, 2, 0, 1)
+  )
   from ddpm_jax.training import program
   from ddpm_jax.training import state as state_lib
 
-  state = jax.jit(lambda rng: program.init_train_state(
-    config, model_bundle.create_model(config), state_lib.make_optimizer(config.optim), rng))(
-    jax.random.PRNGKey(config.training.seed))
+  state = jax.jit(
+    lambda rng: program.init_train_state(
+      config, model_bundle.create_model(config), state_lib.make_optimizer(config.optim), rng
+    )
+  )(jax.random.PRNGKey(config.training.seed))
   for path, value in traverse_util.flatten_dict(jax.device_get(state.params), sep="/").items():
     np.testing.assert_array_equal(flat[path], value, err_msg=path)
 
@@ -143,13 +153,27 @@ def test_full_ddim_chain_is_not_extrapolated_and_stays_in_range():
 
 def run_cli(*args) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "benchmarks.peer", *args], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "benchmarks.peer", *args],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_cli_prints_one_json_line():
-  done = run_cli("sample", "--config=digits", "--num_images=2", "--sampler=ddim",
-                 "--num_steps=10", "--timed_steps=2", "--threads=1", "--seed_params")
+  done = run_cli(
+    "sample",
+    "--config=digits",
+    "--num_images=2",
+    "--sampler=ddim",
+    "--num_steps=10",
+    "--timed_steps=2",
+    "--threads=1",
+    "--seed_params",
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   lines = done.stdout.strip().splitlines()
   assert len(lines) == 1
@@ -159,8 +183,7 @@ def test_cli_prints_one_json_line():
   assert settings["weights"] == "ours" and settings["config"] == "digits"
   assert settings["extrapolated_from_steps"] == 2 and settings["threads"] == 1
 
-  done = run_cli("train", "--config=digits", "--batch=2", "--steps=1", "--warmup=0",
-                 "--threads=1")
+  done = run_cli("train", "--config=digits", "--batch=2", "--steps=1", "--warmup=0", "--threads=1")
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result["workload"] == "train" and result["unit"] == "steps/s" and result["value"] > 0

@@ -54,6 +54,7 @@ KILL_WIDTH = 1_000_000  # 4 leaves of [1e6, 4] float32: a 64 MB state, slow enou
 
 class TrainState(struct.PyTreeNode):
   """The train loop's state layout."""
+
   step: jax.Array
   params: dict
   ema_params: dict
@@ -61,8 +62,9 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array
 
 
-def make_state(step: int, width: int = 8, other_config: bool = False, sharding=None,
-               noise: bool = False) -> TrainState:
+def make_state(
+  step: int, width: int = 8, other_config: bool = False, sharding=None, noise: bool = False
+) -> TrainState:
   """A TrainState whose every value encodes `step` (all exact in float32 for width <= 4e6).
 
   With `noise`, the conv kernel (and the EMA and Adam moments made from it) holds normal noise
@@ -77,14 +79,19 @@ def make_state(step: int, width: int = 8, other_config: bool = False, sharding=N
     "dense": {"kernel": jnp.full((4, 2), step, jnp.float32)},
   }
   if other_config:  # Another model config: a renamed layer, a new one and other shapes.
-    params = {"conv": {"kernel": jnp.zeros((width * 2, 4)), "bias": jnp.zeros((4,))},
-              "dense_out": {"kernel": jnp.zeros((4, 2))},
-              "attn": {"q": jnp.zeros((4, 4))}}
+    params = {
+      "conv": {"kernel": jnp.zeros((width * 2, 4)), "bias": jnp.zeros((4,))},
+      "dense_out": {"kernel": jnp.zeros((4, 2))},
+      "attn": {"q": jnp.zeros((4, 4))},
+    }
   opt_state = jax.tree.map(lambda x: x + 2 * step, optax.adam(1e-3).init(params))
   state = TrainState(
-    step=jnp.asarray(step, jnp.int32), params=params,
-    ema_params=jax.tree.map(lambda x: 0.5 * x, params), opt_state=opt_state,
-    rng=jax.random.PRNGKey(step))
+    step=jnp.asarray(step, jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(lambda x: 0.5 * x, params),
+    opt_state=opt_state,
+    rng=jax.random.PRNGKey(step),
+  )
   return jax.device_put(state, sharding)
 
 
@@ -108,16 +115,22 @@ def step_dirs(directory: Path) -> list[str]:
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
   """Every file under `directory` -> (size, mtime_ns)."""
-  return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in sorted(directory.rglob("*"))}
+  return {
+    str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+    for p in sorted(directory.rglob("*"))
+  }
 
 
 def run_child(mode: str, *args: str, devices: int, **popen_kwargs) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-  return subprocess.Popen([sys.executable, __file__, mode, *args], env=env, text=True,
-                          **popen_kwargs)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+  )
+  return subprocess.Popen(
+    [sys.executable, __file__, mode, *args], env=env, text=True, **popen_kwargs
+  )
 
 
 class FakeClock:
@@ -132,8 +145,9 @@ class FakeClock:
       def now(cls, tz=None):
         return base + datetime.timedelta(seconds=clock.now)
 
-    self.module = SimpleNamespace(datetime=Datetime, timezone=datetime.timezone,
-                                  timedelta=datetime.timedelta)
+    self.module = SimpleNamespace(
+      datetime=Datetime, timezone=datetime.timezone, timedelta=datetime.timedelta
+    )
 
   def install(self) -> None:
     ocp.checkpoint_manager.datetime = self.module
@@ -159,9 +173,12 @@ def test_roundtrip_values_and_shardings(tmp_path):
 
 
 def test_non_finite_state_is_not_saved(tmp_path):
-  bad = make_state(1).replace(ema_params={"conv": {"kernel": jnp.full((8, 4), jnp.nan),
-                                                   "bias": jnp.zeros(4)},
-                                          "dense": {"kernel": jnp.zeros((4, 2))}})
+  bad = make_state(1).replace(
+    ema_params={
+      "conv": {"kernel": jnp.full((8, 4), jnp.nan), "bias": jnp.zeros(4)},
+      "dense": {"kernel": jnp.zeros((4, 2))},
+    }
+  )
   assert is_finite(make_state(1)) and not is_finite(bad)
   with Checkpointer(tmp_path, keep=2, every_steps=1) as ckpt:
     with pytest.raises(NonFiniteStateError, match="NaN"):
@@ -200,7 +217,8 @@ def test_a_read_only_reader_leaves_a_save_in_flight_alone(tmp_path):
   assert not in_flight.exists()
   with pytest.raises(FileNotFoundError, match="No checkpoint found"):
     Checkpointer(tmp_path / "none", keep=1, every_steps=1, read_only=True).restore(
-        abstract_train_state())
+      abstract_train_state()
+    )
   assert not (tmp_path / "none").exists()
 
 
@@ -231,8 +249,9 @@ def test_should_save_by_steps_and_seconds(tmp_path, monkeypatch):
     assert not any(ckpt.should_save(s) for s in (13, 20, 100))
 
 
-def kill_during_a_save(child: subprocess.Popen, directory: Path, secs: float,
-                       rand: random.Random) -> bool:
+def kill_during_a_save(
+  child: subprocess.Popen, directory: Path, secs: float, rand: random.Random
+) -> bool:
   """SIGKILLs `child` at a random instant of one of its next saves (each about `secs` long)."""
   for _ in range(10):
     deadline = time.monotonic() + 60
@@ -255,8 +274,9 @@ def test_kill_9_mid_save_keeps_last_completed_step(tmp_path):
   for trial in range(3):
     log_path = tmp_path / f"child{trial}.log"
     with open(log_path, "w") as log:
-      child = run_child("save_loop", str(directory), str(KILL_WIDTH), devices=2,
-                        stdout=subprocess.PIPE, stderr=log)
+      child = run_child(
+        "save_loop", str(directory), str(KILL_WIDTH), devices=2, stdout=subprocess.PIPE, stderr=log
+      )
       try:
         line = child.stdout.readline()  # A first completed save, which also times one.
         assert line.startswith("saved"), (line, log_path.read_text())
@@ -286,12 +306,14 @@ def test_kill_9_mid_save_keeps_last_completed_step(tmp_path):
 
 
 def test_restore_onto_a_different_device_count(tmp_path):
-  saver = run_child("save_once", str(tmp_path), devices=4, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
+  saver = run_child(
+    "save_once", str(tmp_path), devices=4, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+  )
   out, err = saver.communicate(timeout=120)
   assert saver.returncode == 0 and "saved on 4 devices" in out, err[-3000:]
-  restorer = run_child("restore_check", str(tmp_path), devices=2, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE)
+  restorer = run_child(
+    "restore_check", str(tmp_path), devices=2, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+  )
   out, err = restorer.communicate(timeout=120)
   assert restorer.returncode == 0 and "restored on 2 devices" in out, err[-3000:]
   # And onto this process's devices, whatever their count.
@@ -307,8 +329,17 @@ def test_two_processes_save_and_agree_on_the_schedule(tmp_path):
   children = []
   for i, log in enumerate(logs):
     with open(log, "w") as f:  # Files, not pipes: a full pipe would stall the other process.
-      children.append(run_child("two_processes", str(tmp_path / "ckpt"), str(port), str(i),
-                                devices=2, stdout=f, stderr=subprocess.STDOUT))
+      children.append(
+        run_child(
+          "two_processes",
+          str(tmp_path / "ckpt"),
+          str(port),
+          str(i),
+          devices=2,
+          stdout=f,
+          stderr=subprocess.STDOUT,
+        )
+      )
   deadline = time.monotonic() + 90
   try:  # Until both are done or one failed (the other would then wait for it at a barrier).
     while time.monotonic() < deadline and any(c.poll() is None for c in children):
@@ -320,9 +351,10 @@ def test_two_processes_save_and_agree_on_the_schedule(tmp_path):
       child.kill()
       child.wait()
   outputs = [log.read_text() for log in logs]
-  assert all(f"process {i} ok" in out for i, out in enumerate(outputs)), (
-    "\n".join(f"process {i} (rc {c.returncode}): {out[-2000:]}"
-              for i, (c, out) in enumerate(zip(children, outputs, strict=True))))
+  assert all(f"process {i} ok" in out for i, out in enumerate(outputs)), "\n".join(
+    f"process {i} (rc {c.returncode}): {out[-2000:]}"
+    for i, (c, out) in enumerate(zip(children, outputs, strict=True))
+  )
   # Written by 2 processes x 2 devices, restored by this single process.
   with Checkpointer(tmp_path / "ckpt", keep=2, every_steps=1) as ckpt:
     assert ckpt.all_steps() == [3, 4]
@@ -401,8 +433,11 @@ def raise_at(call: str, ckpt: Checkpointer) -> None:
       ckpt.should_save(10)
       time.sleep(0.05)
     pytest.fail("should_save never reported the failed save")
-  {"save": lambda: ckpt.save(3, make_state(3), force=True),
-   "wait_until_finished": ckpt.wait_until_finished, "close": ckpt.close}[call]()
+  {
+    "save": lambda: ckpt.save(3, make_state(3), force=True),
+    "wait_until_finished": ckpt.wait_until_finished,
+    "close": ckpt.close,
+  }[call]()
 
 
 @pytest.mark.parametrize("call", ["should_save", "save", "wait_until_finished", "close", "sync"])
@@ -423,9 +458,13 @@ def test_a_failed_save_stops_with_one_clear_error(tmp_path, call):
   assert "the latest complete checkpoint there is step 1" in message
   assert "rerun the same command to resume" in message
   # Every later call says the same, none goes on as if it had been saved.
-  for later in (lambda: ckpt.should_save(10), lambda: ckpt.save(3, make_state(3), force=True),
-                ckpt.wait_until_finished, lambda: ckpt.restore(abstract_train_state()),
-                ckpt.close):
+  for later in (
+    lambda: ckpt.should_save(10),
+    lambda: ckpt.save(3, make_state(3), force=True),
+    ckpt.wait_until_finished,
+    lambda: ckpt.restore(abstract_train_state()),
+    ckpt.close,
+  ):
     with pytest.raises(CheckpointSaveError) as again:
       later()
     assert str(again.value) == message
@@ -441,12 +480,18 @@ def test_a_failed_save_stops_with_one_clear_error(tmp_path, call):
 
 def test_a_failed_save_inside_with_is_raised_once(tmp_path, caplog):
   # The limit is lifted after the Checkpointer's __exit__, which waits for the failing write.
-  with (pytest.raises(CheckpointSaveError, match="Saving step 2") as info, FileSizeLimit(LIMIT),
-        Checkpointer(tmp_path, keep=3, every_steps=1) as ckpt):
+  with (
+    pytest.raises(CheckpointSaveError, match="Saving step 2") as info,
+    FileSizeLimit(LIMIT),
+    Checkpointer(tmp_path, keep=3, every_steps=1) as ckpt,
+  ):
     assert ckpt.save(2, make_state(2, WIDE, noise=True))
   assert "File too large" in str(info.value)
-  with (pytest.raises(KeyError, match="body"), FileSizeLimit(LIMIT),  # Not replaced by it...
-        Checkpointer(tmp_path, keep=3, every_steps=1) as ckpt):
+  with (
+    pytest.raises(KeyError, match="body"),
+    FileSizeLimit(LIMIT),  # Not replaced by it...
+    Checkpointer(tmp_path, keep=3, every_steps=1) as ckpt,
+  ):
     assert ckpt.save(3, make_state(3, WIDE, noise=True))
     raise KeyError("body")
   logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Saving step 3")]
@@ -473,8 +518,10 @@ def test_checksums_change_under_any_single_bit_flip():
     y = (jnp.arange(16) % 3).astype(dtype)
     flipped = y.at[7].set(jnp.asarray(3 if dtype != jnp.bool_ else 0, dtype))
     assert checksums([y])["0"] != checksums([flipped])["0"], dtype
-  sharded = jax.device_put(x.reshape(-1)[:12], jax.sharding.NamedSharding(
-      parallel.make_mesh(), jax.sharding.PartitionSpec("data")))
+  sharded = jax.device_put(
+    x.reshape(-1)[:12],
+    jax.sharding.NamedSharding(parallel.make_mesh(), jax.sharding.PartitionSpec("data")),
+  )
   assert checksums([sharded]) == checksums([jax.device_put(sharded, replicated_sharding())])
 
 
@@ -487,7 +534,7 @@ def array_files(step_dir: Path) -> list[Path]:
 
 def truncate_array_file(step_dir: Path) -> None:
   path = array_files(step_dir)[0]
-  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def flip_bytes(step_dir: Path) -> None:
@@ -501,14 +548,22 @@ def flip_bytes(step_dir: Path) -> None:
 # How each is damaged -> the reason the error gives.
 CORRUPTIONS = {
   "truncated array file": (truncate_array_file, "an array file is missing or unreadable"),
-  "deleted array file": (lambda d: array_files(d)[0].unlink(),
-                         "an array file is missing or unreadable"),
-  "deleted _METADATA": (lambda d: (d / "default" / "_METADATA").unlink(),
-                        "its tree metadata (default/_METADATA) is missing"),
-  "deleted _CHECKPOINT_METADATA": (lambda d: (d / "_CHECKPOINT_METADATA").unlink(),
-                                   "its metadata file _CHECKPOINT_METADATA is missing"),
-  "deleted manifest.ocdbt": (lambda d: (d / "default" / "manifest.ocdbt").unlink(),
-                             "its tree metadata is unreadable"),
+  "deleted array file": (
+    lambda d: array_files(d)[0].unlink(),
+    "an array file is missing or unreadable",
+  ),
+  "deleted _METADATA": (
+    lambda d: (d / "default" / "_METADATA").unlink(),
+    "its tree metadata (default/_METADATA) is missing",
+  ),
+  "deleted _CHECKPOINT_METADATA": (
+    lambda d: (d / "_CHECKPOINT_METADATA").unlink(),
+    "its metadata file _CHECKPOINT_METADATA is missing",
+  ),
+  "deleted manifest.ocdbt": (
+    lambda d: (d / "default" / "manifest.ocdbt").unlink(),
+    "its tree metadata is unreadable",
+  ),
   # TensorStore reads these without complaint: only the checksums see it.
   "flipped bytes": (flip_bytes, "differ from the checksums recorded when it was saved"),
 }
@@ -522,8 +577,10 @@ def fake_loop(workdir: Path, width: int = 4096) -> SimpleNamespace:
   """A run's workdir, its state's init function and its EMA params' layout."""
   init_fn = lambda: make_state(0, width, noise=True)  # noqa: E731
   replicated = parallel.replicated(parallel.make_mesh())
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          jax.eval_shape(init_fn).ema_params)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    jax.eval_shape(init_fn).ema_params,
+  )
   return SimpleNamespace(workdir=str(workdir), init_fn=init_fn, abstract_params=abstract)
 
 
@@ -548,8 +605,10 @@ def test_a_corrupt_latest_checkpoint(tmp_path, caplog, kind):
   assert "--config.sample.checkpoint_step=2 (the newest older one)" in message
   assert "Nothing was changed on disk" in message and "\n" not in message
   assert info.value.step == 3 and reason in info.value.reason
-  with (Checkpointer(directory, keep=3, every_steps=1, read_only=True) as reader,
-        pytest.raises(CorruptCheckpointError, match="step 3")):
+  with (
+    Checkpointer(directory, keep=3, every_steps=1, read_only=True) as reader,
+    pytest.raises(CorruptCheckpointError, match="step 3"),
+  ):
     reader.restore_or_init(loop.init_fn)
   params, step = readers.load_ema_params(loop.workdir, loop.abstract_params, 2)
   assert step == 2
@@ -570,10 +629,12 @@ def test_a_corrupt_latest_checkpoint(tmp_path, caplog, kind):
   assert reason in warning
   assert warning.endswith(
     f"); moved to {tmp_path}/checkpoints_corrupt/3 (not deleted). Resuming from step 2, the "
-    "newest intact one: step 3 will be trained again."), warning
+    "newest intact one: step 3 will be trained again."
+  ), warning
   assert "\n" not in warning
   assert snapshot(tmp_path / "checkpoints_corrupt" / "3") == {
-    k.removeprefix("3/"): v for k, v in before.items() if k.startswith("3/")}
+    k.removeprefix("3/"): v for k, v in before.items() if k.startswith("3/")
+  }
   assert step_dirs(directory) == ["2", "3", "4"]  # keep=3 counted only intact steps.
   with Checkpointer(directory, keep=3, every_steps=1) as ckpt:
     assert_state_equal(ckpt.restore(abstract_train_state(4096), 3), make_state(3, 4096, noise=True))
@@ -593,8 +654,9 @@ def test_corrupt_checkpoints_down_to_a_fresh_start(tmp_path, caplog):
   [warning] = corrupt_warnings(caplog)
   assert warning.startswith(f"Corrupt checkpoints 30, 20 in {directory} (step 30: the values of ")
   assert f"moved to {tmp_path}/checkpoints_corrupt/30, {tmp_path}/checkpoints_corrupt/20" in warning
-  assert warning.endswith("Resuming from step 10, the newest intact one: steps 11..30 will be "
-                          "trained again.")
+  assert warning.endswith(
+    "Resuming from step 10, the newest intact one: steps 11..30 will be trained again."
+  )
 
   # The same step can go bad twice; then nothing intact is left.
   with Checkpointer(directory, keep=5, every_steps=1) as ckpt:
@@ -608,11 +670,18 @@ def test_corrupt_checkpoints_down_to_a_fresh_start(tmp_path, caplog):
     assert ckpt.should_save(10)
   [warning] = corrupt_warnings(caplog)
   assert f"moved to {tmp_path}/checkpoints_corrupt/30_2, {tmp_path}/checkpoints_corrupt/10" in (
-    warning)
-  assert warning.endswith("No intact checkpoint is left, so this run starts from scratch: "
-                          "steps 1..30 will be trained again."), warning
+    warning
+  )
+  assert warning.endswith(
+    "No intact checkpoint is left, so this run starts from scratch: "
+    "steps 1..30 will be trained again."
+  ), warning
   assert sorted(p.name for p in (tmp_path / "checkpoints_corrupt").iterdir()) == [
-    "10", "20", "30", "30_2"]
+    "10",
+    "20",
+    "30",
+    "30_2",
+  ]
 
 
 def test_errors_that_are_not_corruption_move_nothing(tmp_path, monkeypatch):
@@ -711,9 +780,12 @@ def _child_two_processes(directory: str, port: str, process_id: str) -> None:
 
 if __name__ == "__main__":
   try:
-    {"save_loop": _child_save_loop, "save_once": _child_save_once,
-     "restore_check": _child_restore_check, "two_processes": _child_two_processes,
-     }[sys.argv[1]](*sys.argv[2:])
+    {
+      "save_loop": _child_save_loop,
+      "save_once": _child_save_once,
+      "restore_check": _child_restore_check,
+      "two_processes": _child_two_processes,
+    }[sys.argv[1]](*sys.argv[2:])
   except BaseException:
     traceback.print_exc()
     sys.stderr.flush()

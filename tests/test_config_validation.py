@@ -12,23 +12,27 @@ from ddpm_jax.config.validation import ConfigError, validate_config
 
 
 @pytest.mark.parametrize(
-    "overrides, match",
-    [
-        ({"training.batch_size": 6}, r"training.batch_size=6 .*divide evenly over the 4 devices"),
-        ({"data.image_size": 9}, r"data.image_size=9 .*halves it 1 times.*multiple of 2"),
-        ({"diffusion.beta_schedule": "sigmoid"},
-         r"diffusion.beta_schedule='sigmoid'.*allowed values are linear, quad"),
-        ({"diffusion.loss_type": "l1"}, r"diffusion.loss_type='l1'.*mse, kl, hybrid"),
-        ({"diffusion.model_mean_type": "v"}, r"diffusion.model_mean_type='v'.*eps, xstart"),
-        ({"diffusion.model_var_type": "learned"},
-         r"config.diffusion: loss_type 'mse' cannot train model_var_type 'learned'"),
-        ({"data.dataset": "imagenet"}, r"data.dataset='imagenet'.*cifar10, celeb_a_hq"),
-        ({"model.ch": 48}, r"model.ch=48 .*multiple of 32"),
-        ({"model.attn_resolutions": (16,)}, r"model.attn_resolutions=\(16,\).*\[4, 8\]"),
-        ({"training.steps_per_call": 3}, r"training.log_every=2 .*steps_per_call=3"),
-        ({"model.dtype": "float16"}, r"model.dtype='float16'.*float32, bfloat16"),
-        ({"data.num_shards": 3}, r"data.num_shards=3 .*divides training.batch_size=8"),
-    ],
+  "overrides, match",
+  [
+    ({"training.batch_size": 6}, r"training.batch_size=6 .*divide evenly over the 4 devices"),
+    ({"data.image_size": 9}, r"data.image_size=9 .*halves it 1 times.*multiple of 2"),
+    (
+      {"diffusion.beta_schedule": "sigmoid"},
+      r"diffusion.beta_schedule='sigmoid'.*allowed values are linear, quad",
+    ),
+    ({"diffusion.loss_type": "l1"}, r"diffusion.loss_type='l1'.*mse, kl, hybrid"),
+    ({"diffusion.model_mean_type": "v"}, r"diffusion.model_mean_type='v'.*eps, xstart"),
+    (
+      {"diffusion.model_var_type": "learned"},
+      r"config.diffusion: loss_type 'mse' cannot train model_var_type 'learned'",
+    ),
+    ({"data.dataset": "imagenet"}, r"data.dataset='imagenet'.*cifar10, celeb_a_hq"),
+    ({"model.ch": 48}, r"model.ch=48 .*multiple of 32"),
+    ({"model.attn_resolutions": (16,)}, r"model.attn_resolutions=\(16,\).*\[4, 8\]"),
+    ({"training.steps_per_call": 3}, r"training.log_every=2 .*steps_per_call=3"),
+    ({"model.dtype": "float16"}, r"model.dtype='float16'.*float32, bfloat16"),
+    ({"data.num_shards": 3}, r"data.num_shards=3 .*divides training.batch_size=8"),
+  ],
 )
 def test_bad_configs_name_field_value_and_allowed(overrides, match):
   with pytest.raises(ConfigError, match=match):
@@ -38,17 +42,35 @@ def test_bad_configs_name_field_value_and_allowed(overrides, match):
 def test_the_shipped_configs_are_valid():
   import importlib
 
-  for name in ("default", "cifar10", "celeb_a_hq", "lsun_church", "lsun_bedroom", "lsun_cat",
-               "digits"):
+  for name in (
+    "default",
+    "cifar10",
+    "celeb_a_hq",
+    "lsun_church",
+    "lsun_bedroom",
+    "lsun_cat",
+    "digits",
+  ):
     config = importlib.import_module(f"configs.{name}").get_config()
     validate_config(config, device_count=4)
 
 
 def test_main_reports_a_bad_config_in_one_line(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.main", f"--config={REPO}/configs/digits.py",
-       f"--workdir={tmp_path}", "--config.training.batch_size=6"],
-      env=subprocess_env(4), capture_output=True, text=True, cwd=REPO, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "ddpm_jax.main",
+      f"--config={REPO}/configs/digits.py",
+      f"--workdir={tmp_path}",
+      "--config.training.batch_size=6",
+    ],
+    env=subprocess_env(4),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   assert result.returncode == 2
   assert "error: config.training.batch_size=6 is not allowed" in result.stderr
   assert "Traceback" not in result.stderr
@@ -57,11 +79,20 @@ def test_main_reports_a_bad_config_in_one_line(tmp_path):
 
 def test_main_reports_a_missing_dataset(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.main", f"--config={REPO}/configs/cifar10.py",
-       f"--workdir={tmp_path / 'wd'}", f"--config.data.data_dir={tmp_path / 'nodata'}"],
-      env=subprocess_env(4), capture_output=True, text=True, cwd=REPO, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "ddpm_jax.main",
+      f"--config={REPO}/configs/cifar10.py",
+      f"--workdir={tmp_path / 'wd'}",
+      f"--config.data.data_dir={tmp_path / 'nodata'}",
+    ],
+    env=subprocess_env(4),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   assert "cifar10" in result.stderr and "download_and_prepare" in result.stderr
   assert "Traceback" not in result.stderr
-
-

@@ -32,8 +32,9 @@ def tiny_config(**model):
   """A 16x16x3 U-Net: ch 32, ch_mult (1, 2), one ResBlock per level, attention at 8x8."""
   config = cifar10.get_config()
   config.data.image_size = 16
-  config.model.update({**dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)),
-                       **model})
+  config.model.update(
+    {**dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,)), **model}
+  )
   return config
 
 
@@ -74,8 +75,9 @@ def apply(config, params, x, t) -> np.ndarray:
 # -- The original's names, written out independently of ddpm_jax. -----------------------------
 
 
-def original_variable_shapes(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, in_ch,
-                             out_ch) -> dict[str, tuple]:
+def original_variable_shapes(
+  ch, ch_mult, num_res_blocks, attn_resolutions, resolution, in_ch, out_ch
+) -> dict[str, tuple]:
   """Name -> shape of every variable that diffusion_tf/models/unet.py `model` creates."""
   shapes = {}
 
@@ -227,8 +229,9 @@ def tf_reference_unet(w, x, t, ch, ch_mult, num_res_blocks, attn_resolutions) ->
     return tf.tensordot(h, w[f"model/{scope}/W"], 1) + w[f"model/{scope}/b"]
 
   def conv(h, scope, stride=1):
-    return tf.nn.conv2d(h, w[f"model/{scope}/W"], [1, stride, stride, 1], "SAME") + \
-      w[f"model/{scope}/b"]
+    return (
+      tf.nn.conv2d(h, w[f"model/{scope}/W"], [1, stride, stride, 1], "SAME") + w[f"model/{scope}/b"]
+    )
 
   def norm(h, scope):
     b, height, width, c = h.shape
@@ -251,8 +254,10 @@ def tf_reference_unet(w, x, t, ch, ch_mult, num_res_blocks, attn_resolutions) ->
     y = norm(h, f"{scope}/norm")
     q, k, v = (dense(y, f"{scope}/{n}") for n in "qkv")
     a = tf.einsum("bhwc,bHWc->bhwHW", q, k) * (int(c) ** (-0.5))
-    a = tf.reshape(tf.nn.softmax(tf.reshape(a, [b, height, width, height * width])),
-                   [b, height, width, height, width])
+    a = tf.reshape(
+      tf.nn.softmax(tf.reshape(a, [b, height, width, height * width])),
+      [b, height, width, height, width],
+    )
     return h + dense(tf.einsum("bhwHW,bHWc->bhwc", a, v), f"{scope}/proj_out")
 
   half = ch // 2
@@ -273,14 +278,19 @@ def tf_reference_unet(w, x, t, ch, ch_mult, num_res_blocks, attn_resolutions) ->
   h = resnet_block(attn_block(h, "mid/attn_1"), "mid/block_2", temb)
   for i in reversed(range(len(ch_mult))):
     for j in range(num_res_blocks + 1):
-      h = resnet_block(tf.concat([h, hs.pop()], axis=-1), f"up_{i}/block_{j}", temb,
-                       ch * ch_mult[i])
+      h = resnet_block(
+        tf.concat([h, hs.pop()], axis=-1), f"up_{i}/block_{j}", temb, ch * ch_mult[i]
+      )
       if h.shape[1] in attn_resolutions:
         h = attn_block(h, f"up_{i}/attn_{j}")
     if i != 0:
       size = [2 * h.shape[1], 2 * h.shape[2]]
-      h = conv(TF1.image.resize(h, size, method=TF1.image.ResizeMethod.NEAREST_NEIGHBOR,
-                                align_corners=True), f"up_{i}/upsample/conv")
+      h = conv(
+        TF1.image.resize(
+          h, size, method=TF1.image.ResizeMethod.NEAREST_NEIGHBOR, align_corners=True
+        ),
+        f"up_{i}/upsample/conv",
+      )
   return conv(tf.nn.swish(norm(h, "norm_out")), "conv_out").numpy()
 
 
@@ -288,9 +298,11 @@ def test_imported_model_matches_the_original_forward_pass(tf_checkpoint):
   prefix, _, ema = tf_checkpoint
   config = tiny_config()
   reader = tf.train.load_checkpoint(prefix)
-  original = {name[:-len(tf1.EMA_SUFFIX)]: reader.get_tensor(name)
-              for name in reader.get_variable_to_shape_map()
-              if name.endswith(tf1.EMA_SUFFIX)}
+  original = {
+    name[: -len(tf1.EMA_SUFFIX)]: reader.get_tensor(name)
+    for name in reader.get_variable_to_shape_map()
+    if name.endswith(tf1.EMA_SUFFIX)
+  }
   x, t = inputs(config)
   reference = tf_reference_unet(original, x, t, 32, (1, 2), 1, (8,))
   ours = apply(config, convert.from_tf_checkpoint(prefix, config), x, t)
@@ -313,21 +325,27 @@ def test_mismatched_weights_end_in_one_message_naming_every_problem(tf_checkpoin
   assert "unexpected (30):\n    model/down_1/attn_0/k/W/ExponentialMovingAverage\n" in message
   assert "mis-shaped (6):" in message
   assert "conv_out/W/ExponentialMovingAverage: (3, 3, 32, 3), expected (3, 3, 32, 6)" in message
-  assert "up_1/block_1/nin_shortcut/W/ExponentialMovingAverage: (96, 64), expected (128, 64)" in \
-    message
+  assert (
+    "up_1/block_1/nin_shortcut/W/ExponentialMovingAverage: (96, 64), expected (128, 64)" in message
+  )
   assert message.endswith(
     "The weights hold a U-Net with ch=32, ch_mult=(1, 2), num_res_blocks=1, attention at "
     "level(s) (1,), 3 input and 3 output channels; convert them with --config=configs/cifar10.py "
     "--config.model.ch=32 --config.model.ch_mult='(1, 2)' --config.model.num_res_blocks=1 or "
     "--config=configs/digits.py --config.model.num_res_blocks=1 --config.data.num_channels=3 "
-    "--config.model.out_ch=3.")
+    "--config.model.out_ch=3."
+  )
 
 
 def test_the_error_names_the_config_of_full_size_weights():
   """A CIFAR-10 state dict (shapes only) against the wrong config names configs/cifar10.py."""
   shapes = matching.variable_shapes(cifar10.get_config())
-  state_dict = {diffusers_weights.diffusers_key(p, 4): np.broadcast_to(
-    np.float32(0), diffusers_weights.torch_shape(p, tuple(s.shape))) for p, s in shapes.items()}
+  state_dict = {
+    diffusers_weights.diffusers_key(p, 4): np.broadcast_to(
+      np.float32(0), diffusers_weights.torch_shape(p, tuple(s.shape))
+    )
+    for p, s in shapes.items()
+  }
   with pytest.raises(convert.ConversionError, match=r"with --config=configs/cifar10\.py\.$"):
     convert.from_diffusers(state_dict, tiny_config())
 
@@ -344,10 +362,13 @@ def test_diffusers_state_dict_round_trip(attention):
   assert state_dict["time_embedding.linear_1.weight"].shape == (128, 32)
   assert state_dict["down_blocks.1.resnets.0.conv_shortcut.weight"].shape == (64, 32, 1, 1)
   q = {"new": "to_q", "old": "query"}[attention]
-  np.testing.assert_array_equal(state_dict[f"up_blocks.0.attentions.1.{q}.weight"],
-                                flat(params)["up_1/attn_1/q/kernel"].T)
-  np.testing.assert_array_equal(state_dict["up_blocks.1.resnets.1.conv2.weight"],
-                                flat(params)["up_0/block_1/conv2/kernel"].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(
+    state_dict[f"up_blocks.0.attentions.1.{q}.weight"], flat(params)["up_1/attn_1/q/kernel"].T
+  )
+  np.testing.assert_array_equal(
+    state_dict["up_blocks.1.resnets.1.conv2.weight"],
+    flat(params)["up_0/block_1/conv2/kernel"].transpose(3, 2, 0, 1),
+  )
   assert "up_blocks.0.upsamplers.0.conv.bias" in state_dict
   assert "down_blocks.0.downsamplers.0.conv.weight" in state_dict
   assert_params_equal(convert.from_diffusers(state_dict, config), params)
@@ -357,7 +378,8 @@ def test_diffusers_mixed_attention_styles_are_refused():
   config = tiny_config()
   state_dict = diffusers_weights.to_diffusers_state_dict(random_params(config, 5), "new")
   state_dict["mid_block.attentions.0.query.weight"] = state_dict.pop(
-    "mid_block.attentions.0.to_q.weight")
+    "mid_block.attentions.0.to_q.weight"
+  )
   with pytest.raises(convert.ConversionError, match="(?s)missing.*unexpected"):
     convert.from_diffusers(state_dict, config)
 
@@ -376,47 +398,62 @@ def test_safetensors_round_trip_and_model_directory(tmp_path):
   with safetensors.safe_open(path, framework="numpy") as f:
     assert f.metadata() == {"format": "pt"} and f.get_slice("c").get_dtype() == "BF16"
   header = files.weights_header(path)
-  assert header == {name: (value.shape, value.dtype.newbyteorder("="))
-                    for name, value in tensors.items()}
+  assert header == {
+    name: (value.shape, value.dtype.newbyteorder("=")) for name, value in tensors.items()
+  }
   loaded = files.read_weights(path)
   assert sorted(loaded) == sorted(tensors)
   for name, value in tensors.items():
     assert loaded[name].dtype == value.dtype.newbyteorder("=") and loaded[name].shape == value.shape
     np.testing.assert_array_equal(loaded[name], value)
   assert list(files.read_weights(path, {"c": (2, 3)})) == ["c"]  # Only what is asked for.
-  with pytest.raises(convert.ConversionError, match=r"w\.safetensors: tensor 'c' has shape "
-                     r"\(2, 3\), expected \(3, 2\)\.$"):
+  with pytest.raises(
+    convert.ConversionError,
+    match=r"w\.safetensors: tensor 'c' has shape "
+    r"\(2, 3\), expected \(3, 2\)\.$",
+  ):
     files.read_weights(path, {"c": (3, 2)})
   with open(path, "rb") as f:
     raw = f.read()
   assert np.arange(6, dtype="<i8").tobytes() in raw  # "d" is stored little-endian.
   with open(path, "wb") as f:
     f.write(raw[:-4])
-  with pytest.raises(convert.ConversionError, match=r"w\.safetensors: not a readable weights file "
-                     r"\(SafetensorError: .*file not fully covered\)$"):
+  with pytest.raises(
+    convert.ConversionError,
+    match=r"w\.safetensors: not a readable weights file "
+    r"\(SafetensorError: .*file not fully covered\)$",
+  ):
     files.read_weights(path)
 
   config = tiny_config()
   params = random_params(config, 6)
   model_dir = tmp_path / "ddpm"
   model_dir.mkdir()
-  safetensors.numpy.save_file(diffusers_weights.to_diffusers_state_dict(params, "old"),
-                              str(model_dir / "diffusion_pytorch_model.safetensors"))
+  safetensors.numpy.save_file(
+    diffusers_weights.to_diffusers_state_dict(params, "old"),
+    str(model_dir / "diffusion_pytorch_model.safetensors"),
+  )
   assert_params_equal(
-    convert.from_diffusers(convert.load_diffusers_state_dict(str(model_dir)), config), params)
-  assert_params_equal(convert.from_diffusers(
-    convert.load_diffusers_state_dict(str(model_dir), config), config), params)
+    convert.from_diffusers(convert.load_diffusers_state_dict(str(model_dir)), config), params
+  )
+  assert_params_equal(
+    convert.from_diffusers(convert.load_diffusers_state_dict(str(model_dir), config), config),
+    params,
+  )
 
 
 def test_a_diffusers_model_directory_becomes_a_checkpoint_at_step_0(tmp_path):
   config = tiny_digits_config()
   params = random_params(config, 9)
   (tmp_path / "model").mkdir()
-  safetensors.numpy.save_file(diffusers_weights.to_diffusers_state_dict(params),
-                              str(tmp_path / "model" / "diffusion_pytorch_model.safetensors"))
+  safetensors.numpy.save_file(
+    diffusers_weights.to_diffusers_state_dict(params),
+    str(tmp_path / "model" / "diffusion_pytorch_model.safetensors"),
+  )
   workdir = str(tmp_path / "workdir")
   assert convert.convert("diffusers", str(tmp_path / "model"), config, workdir) == os.path.join(
-    workdir, "checkpoints", "0")
+    workdir, "checkpoints", "0"
+  )
   restored, step = model_bundle.ModelBundle.from_config(config).load_ema_params(workdir)
   assert step == 0
   assert_params_equal(jax.device_get(restored), params)
@@ -427,19 +464,34 @@ def test_a_diffusers_model_directory_becomes_a_checkpoint_at_step_0(tmp_path):
   # The older torch .bin files are read without torch too.
   bin_path = str(tmp_path / "diffusion_pytorch_model.bin")
   torch_writer.save_state_dict(bin_path, diffusers_weights.to_diffusers_state_dict(params, "old"))
-  assert_params_equal(convert.from_diffusers(convert.load_diffusers_state_dict(bin_path), config),
-                      params)
+  assert_params_equal(
+    convert.from_diffusers(convert.load_diffusers_state_dict(bin_path), config), params
+  )
 
 
-def ddpm_unet2d_config(block_out_channels, down_block_types, up_block_types, layers_per_block,
-                       sample_size) -> dict:
+def ddpm_unet2d_config(
+  block_out_channels, down_block_types, up_block_types, layers_per_block, sample_size
+) -> dict:
   """google/ddpm-cifar10-32's UNet2DModel config, with another size."""
   return dict(
-    sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=block_out_channels,
-    layers_per_block=layers_per_block, down_block_types=down_block_types,
-    up_block_types=up_block_types, attention_head_dim=None, norm_eps=1e-6,
-    resnet_time_scale_shift="default", downsample_padding=0, flip_sin_to_cos=False,
-    freq_shift=1, act_fn="silu", norm_num_groups=32, center_input_sample=False, dropout=0.0)
+    sample_size=sample_size,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=block_out_channels,
+    layers_per_block=layers_per_block,
+    down_block_types=down_block_types,
+    up_block_types=up_block_types,
+    attention_head_dim=None,
+    norm_eps=1e-6,
+    resnet_time_scale_shift="default",
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    center_input_sample=False,
+    dropout=0.0,
+  )
 
 
 def test_diffusers_unet2d_model_gives_our_outputs():
@@ -447,17 +499,28 @@ def test_diffusers_unet2d_model_gives_our_outputs():
   diffusers = pytest.importorskip("diffusers")
   from diffusers.models.embeddings import get_timestep_embedding as diffusers_embedding
 
-  full = diffusers.UNet2DModel(**ddpm_unet2d_config(
-    (128, 256, 256, 256), ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), 2, 32))
-  ours = {diffusers_weights.diffusers_key(p, 4): diffusers_weights.torch_shape(p, tuple(s.shape))
-          for p, s in matching.variable_shapes(cifar10.get_config()).items()}
+  full = diffusers.UNet2DModel(
+    **ddpm_unet2d_config(
+      (128, 256, 256, 256),
+      ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+      ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+      2,
+      32,
+    )
+  )
+  ours = {
+    diffusers_weights.diffusers_key(p, 4): diffusers_weights.torch_shape(p, tuple(s.shape))
+    for p, s in matching.variable_shapes(cifar10.get_config()).items()
+  }
   assert {k: tuple(v.shape) for k, v in full.state_dict().items()} == ours
   del full
 
   torch.manual_seed(0)
-  model = diffusers.UNet2DModel(**ddpm_unet2d_config(
-    (32, 64), ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D"), 1, 16)).eval()
+  model = diffusers.UNet2DModel(
+    **ddpm_unet2d_config(
+      (32, 64), ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D"), 1, 16
+    )
+  ).eval()
   with torch.no_grad():  # Every weight random: none near zero or identity.
     for p in model.parameters():
       p.copy_(torch.randn_like(p) * (0.5 / math.sqrt(max(p[0].numel(), 1))) + (p.ndim == 1) * 0.1)
@@ -475,30 +538,47 @@ def test_diffusers_unet2d_model_gives_our_outputs():
   steps = np.array([0, 1, 10, 999], np.int32)
   np.testing.assert_allclose(
     np.asarray(get_timestep_embedding(steps, 128)),
-    diffusers_embedding(torch.from_numpy(steps), 128, flip_sin_to_cos=False,
-                        downscale_freq_shift=1).numpy(), rtol=0, atol=1e-4)
+    diffusers_embedding(
+      torch.from_numpy(steps), 128, flip_sin_to_cos=False, downscale_freq_shift=1
+    ).numpy(),
+    rtol=0,
+    atol=1e-4,
+  )
 
 
 # -- The command line. -------------------------------------------------------------------------
 
 
 def run_convert(*args, cwd=REPO) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "ddpm_jax.convert", *args], env=env,
-                        capture_output=True, text=True, cwd=cwd, timeout=300)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=REPO,
+  )
+  return subprocess.run(
+    [sys.executable, "-m", "ddpm_jax.convert", *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    timeout=300,
+  )
 
 
 def test_command_line_writes_a_checkpoint_that_sampling_loads(tmp_path):
   config = tiny_digits_config()  # 8x8x1, ch 32, ch_mult (1, 2), one ResBlock, attention at 4x4.
   raw, ema = random_params(config, 7), random_params(config, 8)
-  prefix = write_tf1_checkpoint(str(tmp_path), tf1.to_tf_names(raw),
-                                tf1.to_tf_names(ema), 790000)
+  prefix = write_tf1_checkpoint(str(tmp_path), tf1.to_tf_names(raw), tf1.to_tf_names(ema), 790000)
   workdir = str(tmp_path / "workdir")
   # Relative paths are made absolute at the command line (Orbax wants absolute ones).
-  args = ["--source=tf", f"--input={os.path.relpath(prefix, tmp_path)}",
-          f"--config={REPO}/configs/digits.py", "--config.model.num_res_blocks=1",
-          "--workdir=workdir"]
+  args = [
+    "--source=tf",
+    f"--input={os.path.relpath(prefix, tmp_path)}",
+    f"--config={REPO}/configs/digits.py",
+    "--config.model.num_res_blocks=1",
+    "--workdir=workdir",
+  ]
   done = run_convert(*args, cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"Wrote {workdir}/checkpoints/790000. Sample with: " in done.stdout
@@ -509,8 +589,9 @@ def test_command_line_writes_a_checkpoint_that_sampling_loads(tmp_path):
   assert step == 790000
   assert_params_equal(jax.device_get(restored), ema)
   abstract = checkpointer.abstract_state(loop.init_fn, checkpointer.replicated_sharding())
-  with checkpointer.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, every_steps=0,
-                                  read_only=True) as ckpt:
+  with checkpointer.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=1, every_steps=0, read_only=True
+  ) as ckpt:
     state = ckpt.restore(abstract)
   assert int(state.step) == 790000
   assert_params_equal(jax.device_get(state.params), ema)  # Fine-tuning starts from the EMA too.

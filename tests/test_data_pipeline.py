@@ -130,9 +130,7 @@ def test_flip_is_random_and_deterministic(digits_dir):
   config = make_config(data_dir=digits_dir, batch_size=500)
   kwargs = dict(process_index=0, process_count=1)
   flipped = next(pipeline.create_train_dataset(config, **kwargs))
-  np.testing.assert_array_equal(
-    flipped, next(pipeline.create_train_dataset(config, **kwargs))
-  )
+  np.testing.assert_array_equal(flipped, next(pipeline.create_train_dataset(config, **kwargs)))
   config.data.random_flip = False
   plain = next(pipeline.create_train_dataset(config, **kwargs))
   same = np.all(flipped == plain, axis=(1, 2, 3))
@@ -150,9 +148,7 @@ def test_processes_read_disjoint_parts_covering_the_split(digits_dir):
   parts = []
   for process_index in range(2):
     # 3 steps of 250 = one epoch of this process's 750 examples.
-    stream = pipeline.create_train_dataset(
-      config, process_index=process_index, process_count=2
-    )
+    stream = pipeline.create_train_dataset(config, process_index=process_index, process_count=2)
     parts.append(image_counts(np.concatenate(take(stream, 3))))
   assert parts[0] + parts[1] == everything
   assert sum((parts[0] & parts[1]).values()) < 20  # Only the few duplicate digits of sklearn.
@@ -165,13 +161,16 @@ def test_fixed_num_shards_gives_the_same_global_batches_for_any_process_count(di
   one = take(pipeline.create_train_dataset(config, process_index=0, process_count=1), 3)
   for process_count in (2, 4):
     parts = [
-      take(pipeline.create_train_dataset(
-        config, process_index=i, process_count=process_count, start_step=1), 2)
+      take(
+        pipeline.create_train_dataset(
+          config, process_index=i, process_count=process_count, start_step=1
+        ),
+        2,
+      )
       for i in range(process_count)
     ]
     for step in range(2):
-      np.testing.assert_array_equal(
-        np.concatenate([p[step] for p in parts]), one[step + 1])
+      np.testing.assert_array_equal(np.concatenate([p[step] for p in parts]), one[step + 1])
   # Shards are disjoint: the 4 quarters of a global batch come from different examples.
   assert len(image_counts(np.concatenate(one))) > 20
 
@@ -179,9 +178,7 @@ def test_fixed_num_shards_gives_the_same_global_batches_for_any_process_count(di
 def test_eval_is_padded_disjoint_and_in_lockstep(digits_dir):
   config = make_config(data_dir=digits_dir)
   kwargs = dict(process_count=2, batch_size_per_process=64)
-  runs = [
-    list(pipeline.create_eval_dataset(config, process_index=i, **kwargs)) for i in range(2)
-  ]
+  runs = [list(pipeline.create_eval_dataset(config, process_index=i, **kwargs)) for i in range(2)]
   assert [len(r) for r in runs] == [3, 3]  # 149 and 148 examples: 3 batches of 64 each.
   for images, mask in runs[0]:
     assert images.shape == (64, 16, 16, 1) and images.dtype == np.float32 and mask.dtype == bool
@@ -202,9 +199,7 @@ def test_cifar10_through_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path)):
     straight = take(pipeline.create_train_dataset(config, **kwargs), 4)
     resumed = take(pipeline.create_train_dataset(config, start_step=2, **kwargs), 2)
-    eval_batches = list(
-      pipeline.create_eval_dataset(config, batch_size_per_process=8, **kwargs)
-    )
+    eval_batches = list(pipeline.create_eval_dataset(config, batch_size_per_process=8, **kwargs))
   for batch in straight:
     assert batch.shape == (8, 32, 32, 3) and batch.dtype == np.float32
     assert batch.min() >= -1.0 and batch.max() <= 1.0
@@ -292,9 +287,7 @@ def test_unprepared_tfds_dataset_raises_one_clear_error(tmp_path):
     assert text in str(error.value)
   config.data.dataset = "celeb_a_hq"
   with pytest.raises(pipeline.DatasetNotPreparedError, match="manual"):
-    pipeline.create_eval_dataset(
-      config, process_index=0, process_count=1, batch_size_per_process=8
-    )
+    pipeline.create_eval_dataset(config, process_index=0, process_count=1, batch_size_per_process=8)
 
 
 def test_unmatched_tfrecord_pattern_and_empty_folder(tmp_path):
@@ -320,6 +313,4 @@ def test_bad_config_values():
   with pytest.raises(ValueError, match="data.source"):
     pipeline.create_train_dataset(config, process_index=0, process_count=1)
   with pytest.raises(ValueError, match="divide training.batch_size=101"):
-    pipeline.create_train_dataset(
-      make_config(batch_size=101), process_index=0, process_count=2
-    )
+    pipeline.create_train_dataset(make_config(batch_size=101), process_index=0, process_count=2)

@@ -50,13 +50,15 @@ def test_cosine_schedule_follows_nichol_dhariwal():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(name="sigmoid"),
-         "beta_schedule='sigmoid' is not allowed: allowed values are linear, quad"),
-        (dict(name="linear", beta_start=0.0), "0 < beta <= 1"),
-        (dict(name="linear", beta_end=1.5), "0 < beta <= 1"),
-    ],
+  "kwargs, match",
+  [
+    (
+      dict(name="sigmoid"),
+      "beta_schedule='sigmoid' is not allowed: allowed values are linear, quad",
+    ),
+    (dict(name="linear", beta_start=0.0), "0 < beta <= 1"),
+    (dict(name="linear", beta_end=1.5), "0 < beta <= 1"),
+  ],
 )
 def test_bad_schedules_raise(kwargs, match):
   full = dict(name="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=T) | kwargs
@@ -66,14 +68,14 @@ def test_bad_schedules_raise(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(model_mean_type="v"), "model_mean_type='v'.*eps, xstart, xprev"),
-        (dict(model_var_type="big"), "model_var_type='big'.*fixedlarge"),
-        (dict(loss_type="l1"), "loss_type='l1'.*mse, kl, hybrid"),
-        (dict(model_var_type="learned", loss_type="mse"), "'mse' cannot train.*'learned'"),
-        (dict(model_var_type="fixedsmall", loss_type="hybrid"), "'hybrid' needs a learned"),
-    ],
+  "kwargs, match",
+  [
+    (dict(model_mean_type="v"), "model_mean_type='v'.*eps, xstart, xprev"),
+    (dict(model_var_type="big"), "model_var_type='big'.*fixedlarge"),
+    (dict(loss_type="l1"), "loss_type='l1'.*mse, kl, hybrid"),
+    (dict(model_var_type="learned", loss_type="mse"), "'mse' cannot train.*'learned'"),
+    (dict(model_var_type="fixedsmall", loss_type="hybrid"), "'hybrid' needs a learned"),
+  ],
 )
 def test_bad_combinations_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -90,10 +92,10 @@ def test_tables_against_independent_float64_computation():
   np.testing.assert_allclose(d.alphas_cumprod_prev, abar_prev, rtol=1e-10)
   np.testing.assert_allclose(d.posterior_variance, post_var, rtol=1e-10)
   np.testing.assert_allclose(
-      d.posterior_mean_coef1, betas * np.sqrt(abar_prev) / (1 - abar), rtol=1e-10
+    d.posterior_mean_coef1, betas * np.sqrt(abar_prev) / (1 - abar), rtol=1e-10
   )
   np.testing.assert_allclose(
-      d.posterior_mean_coef2, (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar), rtol=1e-10
+    d.posterior_mean_coef2, (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar), rtol=1e-10
   )
   np.testing.assert_allclose(d.sqrt_recipm1_alphas_cumprod, np.sqrt(1 / abar - 1), rtol=1e-10)
   assert d.posterior_variance[0] == 0.0
@@ -135,7 +137,7 @@ def test_posterior_matches_bayes_rule():
     var = 1 / precision
     mean = var * (math.sqrt(abar_prev) * x0 / (1 - abar_prev) + math.sqrt(alpha) * x_t / beta)
     m, v, lv = d.q_posterior_mean_variance(
-        jnp.full((1, 1), x0), jnp.full((1, 1), x_t), jnp.array([t])
+      jnp.full((1, 1), x0), jnp.full((1, 1), x_t), jnp.array([t])
     )
     assert float(m[0, 0]) == pytest.approx(mean, rel=1e-5)
     assert float(v[0, 0]) == pytest.approx(var, rel=1e-5)
@@ -185,13 +187,15 @@ def test_fixed_variances_follow_the_spec():
   out = d.p_mean_variance(model, x, t)
   np.testing.assert_allclose(out["variance"].ravel(), d.betas[[0, 1, 999]], rtol=1e-6)
   np.testing.assert_allclose(
-      out["log_variance"].ravel(),
-      np.log([d.posterior_variance[1], d.betas[1], d.betas[999]]), rtol=1e-6,
+    out["log_variance"].ravel(),
+    np.log([d.posterior_variance[1], d.betas[1], d.betas[999]]),
+    rtol=1e-6,
   )
   d = linear_diffusion(model_var_type="fixedsmall")
   out = d.p_mean_variance(model, x, t)
-  np.testing.assert_allclose(out["log_variance"].ravel(), [-9.81673, -9.81673, np.log(
-      d.posterior_variance[999])], rtol=1e-5)
+  np.testing.assert_allclose(
+    out["log_variance"].ravel(), [-9.81673, -9.81673, np.log(d.posterior_variance[999])], rtol=1e-5
+  )
 
 
 def test_learned_range_interpolates_between_the_fixed_variances():
@@ -201,8 +205,9 @@ def test_learned_range_interpolates_between_the_fixed_variances():
   v = jnp.array([-1.0, 1.0]).reshape(2, 1, 1, 1)
   out = d.p_mean_variance(lambda x, t: jnp.concatenate([x, v], -1), x, t)
   np.testing.assert_allclose(
-      out["log_variance"].ravel(),
-      [d.posterior_log_variance_clipped[10], np.log(d.betas[10])], rtol=1e-6,
+    out["log_variance"].ravel(),
+    [d.posterior_log_variance_clipped[10], np.log(d.betas[10])],
+    rtol=1e-6,
   )
 
 
@@ -232,14 +237,22 @@ def test_discretized_gaussian_against_integrated_density():
     lo = -np.inf if x < -0.999 else x - 1 / 255
     hi = np.inf if x > 0.999 else x + 1 / 255
     expected = math.log(max(dist.cdf(hi) - dist.cdf(lo), 1e-12))
-    got = float(diff.discretized_gaussian_log_likelihood(
-        jnp.array(x), means=jnp.array(mean), log_scales=jnp.array(log_scale)))
+    got = float(
+      diff.discretized_gaussian_log_likelihood(
+        jnp.array(x), means=jnp.array(mean), log_scales=jnp.array(log_scale)
+      )
+    )
     # The tanh approximation of the CDF is good to about 2e-4 absolute.
     assert math.exp(got) == pytest.approx(math.exp(expected), abs=5e-4)
   # The 256 bins of [-1, 1] hold all the probability mass.
   xs = jnp.linspace(-1, 1, 256)
-  total = jnp.sum(jnp.exp(diff.discretized_gaussian_log_likelihood(
-      xs, means=jnp.full_like(xs, mean), log_scales=jnp.full_like(xs, log_scale))))
+  total = jnp.sum(
+    jnp.exp(
+      diff.discretized_gaussian_log_likelihood(
+        xs, means=jnp.full_like(xs, mean), log_scales=jnp.full_like(xs, log_scale)
+      )
+    )
+  )
   assert float(total) == pytest.approx(1.0, abs=1e-4)
 
 
@@ -292,8 +305,9 @@ def true_reverse_model(d):
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
 def test_sampler_reproduces_gaussian_data(var_type):
   d = linear_diffusion(model_var_type=var_type)
-  sample = jax.jit(lambda rng: d.p_sample_loop(
-      optimal_eps_model(d), (4000, 2, 2, 1), rng, clip_denoised=False))
+  sample = jax.jit(
+    lambda rng: d.p_sample_loop(optimal_eps_model(d), (4000, 2, 2, 1), rng, clip_denoised=False)
+  )
   x = np.asarray(sample(jax.random.PRNGKey(0))).ravel()
   assert x.mean() == pytest.approx(MU, abs=0.02)
   assert x.std() == pytest.approx(S, rel=0.04)
@@ -318,8 +332,16 @@ def test_ddim_deterministic_sampler_reproduces_gaussian_data():
   model = optimal_eps_model(d)
   stds = []
   for num_steps in (50, 1000):
-    x = np.asarray(d.ddim_sample_loop(model, (4000, 2, 2, 1), jax.random.PRNGKey(0),
-                                      num_steps=num_steps, eta=0.0, clip_denoised=False)).ravel()
+    x = np.asarray(
+      d.ddim_sample_loop(
+        model,
+        (4000, 2, 2, 1),
+        jax.random.PRNGKey(0),
+        num_steps=num_steps,
+        eta=0.0,
+        clip_denoised=False,
+      )
+    ).ravel()
     assert x.mean() == pytest.approx(MU, abs=0.02)
     stds.append(x.std())
   # The ODE's discretisation error shrinks the spread a little at 50 steps, not at 1000.
@@ -369,7 +391,7 @@ def test_per_example_keys_make_samples_independent_of_the_batch():
   model = optimal_eps_model(d)
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   whole = d.p_sample_loop(model, (4, 2, 2, 1), keys)
-  halves = [d.p_sample_loop(model, (2, 2, 2, 1), keys[i:i + 2]) for i in (0, 2)]
+  halves = [d.p_sample_loop(model, (2, 2, 2, 1), keys[i : i + 2]) for i in (0, 2)]
   np.testing.assert_allclose(whole, np.concatenate(halves), atol=1e-6)
   assert not np.allclose(whole[0], whole[1])
   typed = jax.random.split(jax.random.key(0), 4)
@@ -404,8 +426,10 @@ def test_last_reverse_step_is_noiseless():
   np.testing.assert_array_equal(a, b)
   np.testing.assert_allclose(a, d.p_mean_variance(model, x, t0)["mean"])
   t1 = jnp.ones((2,), jnp.int32)
-  assert not np.allclose(d.p_sample(model, x, t1, jax.random.PRNGKey(0))["sample"],
-                         d.p_sample(model, x, t1, jax.random.PRNGKey(1))["sample"])
+  assert not np.allclose(
+    d.p_sample(model, x, t1, jax.random.PRNGKey(0))["sample"],
+    d.p_sample(model, x, t1, jax.random.PRNGKey(1))["sample"],
+  )
 
 
 def discretized_gaussian_data(n, dims, seed):
@@ -427,10 +451,12 @@ def test_calc_bpd_loop_is_a_tight_bound_with_the_true_reverse_process():
   d = linear_diffusion(model_mean_type="xprev", model_var_type="learned", loss_type="kl")
   x0 = discretized_gaussian_data(2048, 8, seed=0)
   out = jax.jit(lambda x, r: d.calc_bpd_loop(true_reverse_model(d), x, r, clip_denoised=False))(
-      x0, jax.random.PRNGKey(0))
+    x0, jax.random.PRNGKey(0)
+  )
   assert out["terms_bpd"].shape == (2048, T) and out["mse"].shape == (2048, T)
   np.testing.assert_allclose(
-      out["total_bpd"], out["terms_bpd"].sum(1) + out["prior_bpd"], rtol=1e-5)
+    out["total_bpd"], out["terms_bpd"].sum(1) + out["prior_bpd"], rtol=1e-5
+  )
   gap = np.asarray(out["total_bpd"], np.float64) - exact_nll_bits_per_dim(x0)
   stderr = gap.std() / math.sqrt(gap.size)
   # With the true reverse process the bound is tight up to the discretisation of the decoder
@@ -448,15 +474,22 @@ def test_calc_bpd_loop_terms_match_their_expectation_under_gaussian_data(var_typ
   d = linear_diffusion(model_var_type=var_type)
   x0 = discretized_gaussian_data(256, 4, seed=1)
   out = jax.jit(lambda x, r: d.calc_bpd_loop(optimal_eps_model(d), x, r, clip_denoised=False))(
-      x0, jax.random.PRNGKey(1))
+    x0, jax.random.PRNGKey(1)
+  )
   abar = d.alphas_cumprod
   var_q = d.posterior_variance[1:]
   var_p = (d.betas if var_type == "fixedlarge" else d.posterior_variance)[1:]
   var_x0_given_xt = (S**2 * (1 - abar) / (abar * S**2 + 1 - abar))[1:]
-  expected = 0.5 * (
-      -1 + np.log(var_p / var_q) + var_q / var_p
+  expected = (
+    0.5
+    * (
+      -1
+      + np.log(var_p / var_q)
+      + var_q / var_p
       + d.posterior_mean_coef1[1:] ** 2 * var_x0_given_xt / var_p
-  ) / math.log(2)
+    )
+    / math.log(2)
+  )
   got = np.asarray(out["terms_bpd"], np.float64)[:, 1:].sum(1)
   stderr = got.std() / math.sqrt(got.size)
   assert got.mean() == pytest.approx(expected.sum(), abs=3 * stderr + 0.01 * expected.sum())

@@ -61,11 +61,14 @@ def test_distortion_is_the_rmse_of_the_batch_mean_mse_on_the_0_255_scale():
   assert two.distortion[0] == pytest.approx(127.5 / math.sqrt(2))
 
 
-@pytest.mark.parametrize("num_timesteps, expected", [
+@pytest.mark.parametrize(
+  "num_timesteps, expected",
+  [
     (1000, [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]),
     (20, [20, 18, 16, 14, 12, 10, 8, 6, 4, 2]),
     (5, [5, 4, 3, 2, 1]),
-])
+  ],
+)
 def test_table_rows_at_the_papers_reverse_times(num_timesteps, expected):
   curve = rd.rate_distortion(*synthetic_outputs(num_timesteps=num_timesteps))
   rows = curve.table()
@@ -97,7 +100,8 @@ def test_rate_and_distortion_of_the_optimal_denoiser_follow_the_closed_form():
   x = np.random.default_rng(0).normal(MU, S, (512, 2, 2, 1))
   x0 = jnp.asarray(np.clip(np.round((x + 1) * 127.5), 0, 255) / 127.5 - 1, jnp.float32)
   out = jax.jit(lambda x, r: d.calc_bpd_loop(optimal_eps_model(d), x, r, clip_denoised=False))(
-      x0, jax.random.PRNGKey(0))
+    x0, jax.random.PRNGKey(0)
+  )
   curve = rd.rate_distortion(out["terms_bpd"], out["mse"], out["prior_bpd"])
   # Every KL term is >= 0, up to float32 round-off (about -1e-7) where the terms are ~1e-7.
   assert np.all(np.diff(curve.rate) >= -1e-6)
@@ -113,7 +117,8 @@ def test_rate_and_distortion_of_the_optimal_denoiser_follow_the_closed_form():
   for k, _, distortion in rows:
     assert distortion == pytest.approx(expected[1000 - k], rel=0.02)
   assert curve.rate[-1] == pytest.approx(
-      float(jnp.mean(out["total_bpd"] - out["terms_bpd"][:, 0])), rel=1e-5)
+    float(jnp.mean(out["total_bpd"] - out["terms_bpd"][:, 0])), rel=1e-5
+  )
 
 
 def read_lines(path):
@@ -149,7 +154,7 @@ def test_png_has_three_panels_with_curves_and_axes(tmp_path):
   pixels = np.asarray(image)
   np.testing.assert_array_equal(pixels, returned)
   for i in range(3):
-    panel = pixels[:, i * width:(i + 1) * width]
+    panel = pixels[:, i * width : (i + 1) * width]
     is_line = np.all(panel == rd.LINE_COLOR, axis=-1)
     assert is_line.sum() > 100, f"panel {i} has no curve"
     dark = panel.max(axis=-1) < 64  # Axes, ticks and labels (antialiased text).
@@ -161,9 +166,17 @@ def test_png_has_three_panels_with_curves_and_axes(tmp_path):
 
 def eval_config(data_dir, **overrides):
   """The tiny digits config with a one-level U-Net (fast to compile), T = 20, 24 test images."""
-  return tiny_digits_config(**{
-      "data.data_dir": data_dir, "model.ch_mult": (1,), "model.attn_resolutions": (),
-      "training.num_train_steps": 2, "eval.num_examples": 24, "eval.batch_size": 8, **overrides})
+  return tiny_digits_config(
+    **{
+      "data.data_dir": data_dir,
+      "model.ch_mult": (1,),
+      "model.attn_resolutions": (),
+      "training.num_train_steps": 2,
+      "eval.num_examples": 24,
+      "eval.batch_size": 8,
+      **overrides,
+    }
+  )
 
 
 @pytest.fixture(scope="module")
@@ -205,20 +218,24 @@ def test_bpd_eval_writes_consistent_results(trained):
   assert saved["stderr"] == pytest.approx(bpd.std() / math.sqrt(24), rel=1e-5)
   assert saved["stderr"] > 0 and summary["mean"] == saved["mean"]
   assert len(saved["terms_bpd_mean"]) == 20 and len(saved["mse_mean"]) == 20
-  assert saved["mean"] == pytest.approx(sum(saved["terms_bpd_mean"]) + saved["prior_bpd_mean"],
-                                        rel=1e-5)
+  assert saved["mean"] == pytest.approx(
+    sum(saved["terms_bpd_mean"]) + saved["prior_bpd_mean"], rel=1e-5
+  )
   assert [row[0] for row in saved["rate_distortion"]] == list(range(20, 0, -2))
   chunks = sorted(os.listdir(os.path.join(out_dir, "bpd")))
   assert chunks == ["chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz", "meta.json"]
   with np.load(os.path.join(out_dir, "bpd", "chunk_00001.npz")) as chunk:
     np.testing.assert_array_equal(chunk["index"], np.arange(8, 16))
     assert chunk["terms_bpd"].shape == (8, 20) and chunk["terms_bpd"].dtype == np.float32
-    np.testing.assert_allclose(chunk["total_bpd"],
-                               chunk["terms_bpd"].sum(1) + chunk["prior_bpd"], rtol=1e-5)
+    np.testing.assert_allclose(
+      chunk["total_bpd"], chunk["terms_bpd"].sum(1) + chunk["prior_bpd"], rtol=1e-5
+    )
   rd_lines = read_lines(os.path.join(out_dir, "rate_distortion.csv"))
   assert len(rd_lines) == 21 and rd_lines[1].startswith("20,")
   assert Image.open(os.path.join(out_dir, "rate_distortion.png")).size == (
-      3 * rd.PANEL_SIZE[0], rd.PANEL_SIZE[1])
+    3 * rd.PANEL_SIZE[0],
+    rd.PANEL_SIZE[1],
+  )
   events = os.listdir(os.path.join(workdir, "eval"))
   assert any(name.startswith("events.out.tfevents") for name in events)
 
@@ -230,11 +247,13 @@ def test_rerun_skips_existing_chunks_and_recomputes_deleted_ones(trained, data_d
   before = read_json(out_dir)
   with np.load(os.path.join(chunk_dir, "chunk_00001.npz")) as chunk:
     deleted_values = {name: chunk[name] for name in chunk.files}
-  mtimes = {name: os.stat(os.path.join(chunk_dir, name)).st_mtime_ns
-            for name in os.listdir(chunk_dir)}
+  mtimes = {
+    name: os.stat(os.path.join(chunk_dir, name)).st_mtime_ns for name in os.listdir(chunk_dir)
+  }
   bpd.run_bpd_eval(eval_config(data_dir), workdir)
-  assert {name: os.stat(os.path.join(chunk_dir, name)).st_mtime_ns
-          for name in os.listdir(chunk_dir)} == mtimes
+  assert {
+    name: os.stat(os.path.join(chunk_dir, name)).st_mtime_ns for name in os.listdir(chunk_dir)
+  } == mtimes
   assert read_json(out_dir) == before
   os.remove(os.path.join(chunk_dir, "chunk_00001.npz"))
   bpd.run_bpd_eval(eval_config(data_dir), workdir, step=2)
@@ -252,11 +271,17 @@ def test_results_do_not_depend_on_the_batch_size(trained, data_dir, tmp_path):
   shutil.copytree(workdir, other)  # With the chunks of batch size 8, which must be replaced.
   summary_12 = bpd.run_bpd_eval(eval_config(data_dir, **{"eval.batch_size": 12}), other)
   assert sorted(os.listdir(os.path.join(other, "eval_2", "bpd"))) == [
-      "chunk_00000.npz", "chunk_00001.npz", "meta.json"]
+    "chunk_00000.npz",
+    "chunk_00001.npz",
+    "meta.json",
+  ]
   with np.load(os.path.join(other, "eval_2", "bpd", "chunk_00001.npz")) as chunk:
     np.testing.assert_array_equal(chunk["index"], np.arange(12, 24))
-  np.testing.assert_allclose(read_per_image_csv(os.path.join(other, "eval_2")),
-                             read_per_image_csv(os.path.join(workdir, "eval_2")), rtol=1e-5)
+  np.testing.assert_allclose(
+    read_per_image_csv(os.path.join(other, "eval_2")),
+    read_per_image_csv(os.path.join(workdir, "eval_2")),
+    rtol=1e-5,
+  )
   assert summary_12["mean"] == pytest.approx(summary["mean"], rel=1e-5)
 
 
@@ -289,8 +314,12 @@ def test_global_example_index_matches_the_single_process_order(source, data_dir,
 
   def images(process_index, process_count):
     batches = pipeline.create_eval_dataset(
-        config, process_index=process_index, process_count=process_count,
-        batch_size_per_process=4, num_examples=config.eval.num_examples)
+      config,
+      process_index=process_index,
+      process_count=process_count,
+      batch_size_per_process=4,
+      num_examples=config.eval.num_examples,
+    )
     x, mask = (np.concatenate(a) for a in zip(*batches, strict=True))
     return x[mask]
 
@@ -299,8 +328,9 @@ def test_global_example_index_matches_the_single_process_order(source, data_dir,
   seen = []
   for p in range(3):
     local = images(p, 3)
-    index = bpd.global_example_index(config, np.arange(len(local)), process_index=p,
-                                          process_count=3)
+    index = bpd.global_example_index(
+      config, np.arange(len(local)), process_index=p, process_count=3
+    )
     np.testing.assert_array_equal(local, whole[index])
     seen.extend(index)
   assert sorted(seen) == list(range(11))

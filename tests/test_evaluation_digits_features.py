@@ -1,6 +1,5 @@
 """The digits' feature network for their FID and IS."""
 
-
 import jax
 import numpy as np
 import pytest
@@ -66,5 +65,3 @@ def test_digits_fid_separates_real_from_noise(digits_extractor, digits):
   is_real, _ = fid.inception_score(train_logits)
   is_noise, _ = fid.inception_score(noise_logits)
   assert is_real > 8 and is_real > 2 * is_noise
-
-

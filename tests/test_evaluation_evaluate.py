@@ -14,17 +14,24 @@ from ddpm_jax.evaluation import evaluate
 from ddpm_jax.training import loop as train_loop
 
 EVAL = {
-    "model.ch_mult": (1,), "model.attn_resolutions": (), "training.num_train_steps": 4,
-    "training.checkpoint_every_steps": 2, "eval.num_examples": 16, "eval.batch_size": 8,
-    "sample.num_samples": 24, "sample.batch_size": 8, "sample.num_steps": 20,
+  "model.ch_mult": (1,),
+  "model.attn_resolutions": (),
+  "training.num_train_steps": 4,
+  "training.checkpoint_every_steps": 2,
+  "eval.num_examples": 16,
+  "eval.batch_size": 8,
+  "sample.num_samples": 24,
+  "sample.batch_size": 8,
+  "sample.num_steps": 20,
 }
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval")
-  config = tiny_digits_config(**EVAL, **{"data.data_dir": str(root / "tfds"),
-                                         "eval.fid_stats_dir": str(root / "stats")})
+  config = tiny_digits_config(
+    **EVAL, **{"data.data_dir": str(root / "tfds"), "eval.fid_stats_dir": str(root / "stats")}
+  )
   workdir = str(root / "wd")
   train_loop.train_and_evaluate(config, workdir)
   return config, workdir
@@ -54,15 +61,32 @@ def test_watch_evaluates_every_checkpoint_once(run, monkeypatch):
 def test_main_eval_mode_prints_the_numbers(run, tmp_path):
   config, workdir = run
   args = [f"--config.{k}={v}" for k, v in EVAL.items() if k != "model.attn_resolutions"]
-  args += ["--config.model.attn_resolutions=()", "--config.model.num_res_blocks=1",
-           "--config.diffusion.num_timesteps=20", "--config.training.batch_size=8",
-           f"--config.data.data_dir={config.data.data_dir}",
-           f"--config.eval.fid_stats_dir={config.eval.fid_stats_dir}",
-           "--config.sample.checkpoint_step=2", "--config.sample.seed=5"]
+  args += [
+    "--config.model.attn_resolutions=()",
+    "--config.model.num_res_blocks=1",
+    "--config.diffusion.num_timesteps=20",
+    "--config.training.batch_size=8",
+    f"--config.data.data_dir={config.data.data_dir}",
+    f"--config.eval.fid_stats_dir={config.eval.fid_stats_dir}",
+    "--config.sample.checkpoint_step=2",
+    "--config.sample.seed=5",
+  ]
   result = subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.main", f"--config={REPO}/configs/digits.py",
-       f"--workdir={workdir}", "--mode=eval", *args],
-      env=subprocess_env(4), capture_output=True, text=True, cwd=REPO, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "ddpm_jax.main",
+      f"--config={REPO}/configs/digits.py",
+      f"--workdir={workdir}",
+      "--mode=eval",
+      *args,
+    ],
+    env=subprocess_env(4),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Sample quality (24 samples in" in result.stdout
   assert re.search(r"samples_step2_ancestral_20steps_seed5_[0-9a-f]{8}\b", result.stdout)

@@ -175,5 +175,3 @@ def test_inception_score_matches_entropy_form():
   mean, std = fid.inception_score(logits, num_splits=3)
   assert mean == pytest.approx(np.mean(scores), rel=1e-10)
   assert std == pytest.approx(np.std(scores), rel=1e-8)
-
-

@@ -13,13 +13,15 @@ from ddpm_jax.evaluation import sample_quality
 
 def real_digits(config, split):
   batches = pipeline.create_eval_dataset(
-      config, process_index=0, process_count=1, batch_size_per_process=300, split=split)
+    config, process_index=0, process_count=1, batch_size_per_process=300, split=split
+  )
   return np.concatenate([image_grid.to_uint8(x[m]) for x, m in batches])
 
 
 def test_real_digits_score_far_better_than_noise_and_stats_are_cached(tmp_path, monkeypatch):
-  config = tiny_digits_config(**{"data.data_dir": str(tmp_path / "tfds"),
-                                 "eval.fid_stats_dir": str(tmp_path / "stats")})
+  config = tiny_digits_config(
+    **{"data.data_dir": str(tmp_path / "tfds"), "eval.fid_stats_dir": str(tmp_path / "stats")}
+  )
   held_out = real_digits(config, "test")
   real = sample_quality.evaluate_samples(config, held_out)
   noise = np.random.default_rng(0).integers(0, 256, held_out.shape, dtype=np.uint8)
@@ -38,7 +40,8 @@ def test_real_digits_score_far_better_than_noise_and_stats_are_cached(tmp_path, 
 def test_natural_images_need_the_inception_weights(tmp_path):
   from ddpm_jax.evaluation.inception import MissingWeightsError
 
-  config = tiny_digits_config(**{"data.dataset": "cifar10",
-                                 "eval.inception_weights": str(tmp_path / "missing.npz")})
+  config = tiny_digits_config(
+    **{"data.dataset": "cifar10", "eval.inception_weights": str(tmp_path / "missing.npz")}
+  )
   with pytest.raises(MissingWeightsError, match="convert_inception"):
     sample_quality.feature_extractor(config)

@@ -11,18 +11,30 @@ from conftest import REPO, subprocess_env
 
 from ddpm_jax import file_io, main
 
-TINY = ["--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
-        "--config.model.num_res_blocks=1", "--config.diffusion.num_timesteps=20",
-        "--config.training.batch_size=8", "--config.training.num_train_steps=2",
-        "--config.training.checkpoint_every_steps=2", "--config.training.log_every=2",
-        "--config.training.sample_every=0", "--config.training.fid_num_samples=0"]
+TINY = [
+  "--config.model.ch_mult=(1,)",
+  "--config.model.attn_resolutions=()",
+  "--config.model.num_res_blocks=1",
+  "--config.diffusion.num_timesteps=20",
+  "--config.training.batch_size=8",
+  "--config.training.num_train_steps=2",
+  "--config.training.checkpoint_every_steps=2",
+  "--config.training.log_every=2",
+  "--config.training.sample_every=0",
+  "--config.training.fid_num_samples=0",
+]
 
 
 def run_main(args, cwd, data_dir=None, timeout=300):
   data = [f"--config.data.data_dir={data_dir}"] if data_dir else []
-  return subprocess.run([sys.executable, "-m", "ddpm_jax.main", *args, *data],
-                        env=subprocess_env(4), capture_output=True, text=True, cwd=cwd,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "ddpm_jax.main", *args, *data],
+    env=subprocess_env(4),
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    timeout=timeout,
+  )
 
 
 def assert_one_line_error(result, *fragments):
@@ -56,8 +68,18 @@ def test_relative_workdir_trains_saves_and_samples(tmp_path, data_dir):
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert "Traceback" not in trained.stderr
   assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
-  sampled = run_main([config, "--workdir=run", "--mode=sample", "--config.sample.num_samples=4",
-                      "--config.sample.batch_size=4", *TINY], tmp_path, data_dir)
+  sampled = run_main(
+    [
+      config,
+      "--workdir=run",
+      "--mode=sample",
+      "--config.sample.num_samples=4",
+      "--config.sample.batch_size=4",
+      *TINY,
+    ],
+    tmp_path,
+    data_dir,
+  )
   assert sampled.returncode == 0, sampled.stderr[-3000:]
   line = next(s for s in sampled.stdout.splitlines() if s.startswith("Samples: "))
   assert line.startswith(f"Samples: {tmp_path}/run/samples_step2_")
@@ -76,23 +98,40 @@ def test_config_path_fields_are_made_absolute(tmp_path, monkeypatch):
   assert config.eval.fid_stats_dir == ""  # Empty: the default cache, not the current directory.
 
 
-@pytest.mark.parametrize("args, fragments", [
+@pytest.mark.parametrize(
+  "args, fragments",
+  [
     (["--config=configs/nonexistent.py"], ["--config=configs/nonexistent.py: no such file."]),
-    (["--config=configs/digits.py", "--config.training.bogus=3"],
-     ["--config.training.bogus: no such config field ('bogus')", "configs/default.py"]),
-    (["--config=configs/digits.py", "--config.nosection.x=3"],
-     ["--config.nosection.x: no such config field ('nosection')"]),
-    (["--config=configs/digits.py", "--config.training.batch_size=abc"],
-     ["--config.training.batch_size=abc", "invalid literal for int()"]),
-    (["--config=configs/digits.py", "--config.training.checkpoint_every_steps=-5"],
-     ["config.training.checkpoint_every_steps=-5 is not allowed: it must be an integer >= 0"]),
-    (["--config=configs/digits.py", "--config.training.checkpoint_every_secs=-1"],
-     ["config.training.checkpoint_every_secs=-1 is not allowed: it must be a number >= 0"]),
-    (["--config=configs/digits.py", "--config.training.fid_num_samples=-1"],
-     ["config.training.fid_num_samples=-1 is not allowed"]),
-    (["--config=configs/digits.py", "--config.optim.ema_decay=1.5"],
-     ["config.optim.ema_decay=1.5 is not allowed: it must be in [0, 1)"]),
-])
+    (
+      ["--config=configs/digits.py", "--config.training.bogus=3"],
+      ["--config.training.bogus: no such config field ('bogus')", "configs/default.py"],
+    ),
+    (
+      ["--config=configs/digits.py", "--config.nosection.x=3"],
+      ["--config.nosection.x: no such config field ('nosection')"],
+    ),
+    (
+      ["--config=configs/digits.py", "--config.training.batch_size=abc"],
+      ["--config.training.batch_size=abc", "invalid literal for int()"],
+    ),
+    (
+      ["--config=configs/digits.py", "--config.training.checkpoint_every_steps=-5"],
+      ["config.training.checkpoint_every_steps=-5 is not allowed: it must be an integer >= 0"],
+    ),
+    (
+      ["--config=configs/digits.py", "--config.training.checkpoint_every_secs=-1"],
+      ["config.training.checkpoint_every_secs=-1 is not allowed: it must be a number >= 0"],
+    ),
+    (
+      ["--config=configs/digits.py", "--config.training.fid_num_samples=-1"],
+      ["config.training.fid_num_samples=-1 is not allowed"],
+    ),
+    (
+      ["--config=configs/digits.py", "--config.optim.ema_decay=1.5"],
+      ["config.optim.ema_decay=1.5 is not allowed: it must be in [0, 1)"],
+    ),
+  ],
+)
 def test_bad_config_files_and_fields_are_one_line(tmp_path, args, fragments):
   result = run_main([*args, f"--workdir={tmp_path / 'wd'}"], REPO)
   assert_one_line_error(result, *fragments)
@@ -104,8 +143,7 @@ def test_a_config_file_that_does_not_load_is_one_line(tmp_path):
   (tmp_path / "not_a_config.py").write_text("def get_config():\n  return 3\n")
   result = run_main([f"--config={tmp_path / 'broken.py'}", f"--workdir={tmp_path}/wd"], REPO)
   assert_one_line_error(result, "broken.py could not be loaded: SyntaxError")
-  result = run_main([f"--config={tmp_path / 'not_a_config.py'}", f"--workdir={tmp_path}/wd"],
-                    REPO)
+  result = run_main([f"--config={tmp_path / 'not_a_config.py'}", f"--workdir={tmp_path}/wd"], REPO)
   assert_one_line_error(result, "must return an ml_collections.ConfigDict")
 
 
@@ -136,8 +174,12 @@ def test_resuming_beyond_num_train_steps_is_one_line(tmp_path, data_dir):
   workdir = tmp_path / "wd"
   assert run_main([config, f"--workdir={workdir}", *TINY], REPO, data_dir).returncode == 0
   config_json = (workdir / "config.json").read_text()
-  result = run_main([config, f"--workdir={workdir}", *TINY,
-                     "--config.training.num_train_steps=1"], REPO, data_dir)
-  assert_one_line_error(result, "is of step 2, beyond training.num_train_steps=1: nothing to "
-                                "train", "--config.training.num_train_steps=2")
+  result = run_main(
+    [config, f"--workdir={workdir}", *TINY, "--config.training.num_train_steps=1"], REPO, data_dir
+  )
+  assert_one_line_error(
+    result,
+    "is of step 2, beyond training.num_train_steps=1: nothing to train",
+    "--config.training.num_train_steps=2",
+  )
   assert (workdir / "config.json").read_text() == config_json  # Nothing was written.

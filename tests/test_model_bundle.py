@@ -31,24 +31,44 @@ print(json.dumps({"images": shards.load_samples(directory).shape,
                   "modules": {m: m in sys.modules for m in ("tensorflow", "optax", "clu")}}))
 """
 
-TINY = {"model.ch_mult": [1, 2], "model.num_res_blocks": 1, "model.attn_resolutions": [4],
-        "diffusion.num_timesteps": 5, "sample.num_samples": 4, "sample.batch_size": 4}
+TINY = {
+  "model.ch_mult": [1, 2],
+  "model.num_res_blocks": 1,
+  "model.attn_resolutions": [4],
+  "diffusion.num_timesteps": 5,
+  "sample.num_samples": 4,
+  "sample.batch_size": 4,
+}
 
 
 def fresh_python(code: str, *args: str) -> dict:
-  result = subprocess.run([sys.executable, "-c", code, *args], env=subprocess_env(1), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", code, *args],
+    env=subprocess_env(1),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_sampling_and_the_converter_import_neither_tensorflow_nor_optax():
-  modules = fresh_python(IMPORTS_OF, "ddpm_jax.sampling.shards", "ddpm_jax.convert",
-                         "ddpm_jax.main", "ddpm_jax.model_bundle")
+  modules = fresh_python(
+    IMPORTS_OF,
+    "ddpm_jax.sampling.shards",
+    "ddpm_jax.convert",
+    "ddpm_jax.main",
+    "ddpm_jax.model_bundle",
+  )
   assert modules == {"tensorflow": False, "optax": False, "clu": False}
   # Training does import them: the test above can fail.
   assert fresh_python(IMPORTS_OF, "ddpm_jax.training.loop") == {
-      "tensorflow": True, "optax": True, "clu": True}
+    "tensorflow": True,
+    "optax": True,
+    "clu": True,
+  }
 
 
 def test_sample_mode_on_an_imported_checkpoint_builds_no_optimizer(tmp_path):
@@ -58,8 +78,9 @@ def test_sample_mode_on_an_imported_checkpoint_builds_no_optimizer(tmp_path):
 
   config = tiny_digits_config(**{"model.num_res_blocks": 1, "diffusion.num_timesteps": 5})
   params = jax.tree.map(
-      lambda x: np.random.default_rng(0).normal(size=x.shape).astype(x.dtype) * 0.05,
-      model_bundle.abstract_params(config))
+    lambda x: np.random.default_rng(0).normal(size=x.shape).astype(x.dtype) * 0.05,
+    model_bundle.abstract_params(config),
+  )
   workdir = str(tmp_path / "imported")
   convert.save_checkpoint(params, config, workdir, step=0)
   out = fresh_python(SAMPLE_AN_IMPORTED_CHECKPOINT, workdir, json.dumps(TINY))

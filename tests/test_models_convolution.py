@@ -23,7 +23,9 @@ def _numpy_conv(x, kernel, stride, padding):
   out = np.zeros((x.shape[0], h_out, w_out, kernel.shape[-1]))
   for i in range(3):
     for j in range(3):
-      view = x[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride]
+      view = x[
+        :, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride
+      ]
       out += view @ np.asarray(kernel[i, j], np.float64)
   return out
 
@@ -66,8 +68,14 @@ def test_matmul_kernel_gradient_is_summed_over_devices_once():
   grads = {}
   for impl in ("xla", "xla_matmul_grad"):
     # check_vma sums the replicated kernel's gradient over the devices.
-    fn = jax.jit(jax.shard_map(lambda k, x, impl=impl: jax.grad(local_loss)(k, x, impl), mesh=mesh,
-                               in_specs=(P(), P(parallel.AXIS)), out_specs=P()))
+    fn = jax.jit(
+      jax.shard_map(
+        lambda k, x, impl=impl: jax.grad(local_loss)(k, x, impl),
+        mesh=mesh,
+        in_specs=(P(), P(parallel.AXIS)),
+        out_specs=P(),
+      )
+    )
     grads[impl] = fn(kernel, x)
   single = jax.grad(local_loss)(kernel, x, "xla")
   np.testing.assert_allclose(grads["xla"], single, rtol=1e-4, atol=1e-3)
@@ -81,22 +89,27 @@ def test_unet_outputs_and_gradients_do_not_depend_on_the_impl(impl):
   t = jnp.array([3, 700])
   model = UNet(**config)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), x, t)["params"]
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
-                        params)
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params
+  )
   other = UNet(**config, conv_impl=impl)
-  assert (jax.tree.structure(jax.eval_shape(other.init, jax.random.PRNGKey(1), x, t))
-          == jax.tree.structure({"params": params}))
+  assert jax.tree.structure(
+    jax.eval_shape(other.init, jax.random.PRNGKey(1), x, t)
+  ) == jax.tree.structure({"params": params})
 
   def loss(params, m):
     return jnp.mean(m.apply({"params": params}, x, t) ** 2)
 
   value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-  (value, grads), (other_value, other_grads) = value_and_grad(params, model), value_and_grad(
-    params, other)
+  (value, grads), (other_value, other_grads) = (
+    value_and_grad(params, model),
+    value_and_grad(params, other),
+  )
   assert float(value) > 1e-3
   np.testing.assert_allclose(other_value, value, rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-               other_grads, grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), other_grads, grads
+  )
 
 
 def test_the_config_field_reaches_the_model_and_is_validated():

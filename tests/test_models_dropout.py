@@ -20,8 +20,10 @@ def test_bits_are_jax_threefry_of_the_counters(n):
 
 def test_bits_fuse_without_a_loop_on_cpu():
   """jax.random's CPU lowering is a rolled loop XLA cannot fuse across; ours has none."""
+
   def hlo(f):
     return jax.jit(f).lower(jax.random.PRNGKey(0)).compile().as_text()
+
   assert " while(" in hlo(lambda k: jax.random.bits(k, (16, 8, 8, 32)))
   assert " while(" not in hlo(lambda k: dropout.random_bits(k, (16, 8, 8, 32)))
 

@@ -41,7 +41,8 @@ def _perturb(params, seed: int = 2, std: float = 0.05):
   """
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
-    lambda leaf: jnp.asarray(std * rng.standard_normal(leaf.shape), leaf.dtype), params)
+    lambda leaf: jnp.asarray(std * rng.standard_normal(leaf.shape), leaf.dtype), params
+  )
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +115,21 @@ def test_cifar10_parameter_names():
     assert flat[path].shape == shape, path
   # No extra scope levels, attention only at 16x16 (level 1), no downsample at the last level.
   assert {k[0] for k in flat} == {
-    "temb", "conv_in", "mid", "norm_out", "conv_out", *(f"down_{i}" for i in range(4)),
-    *(f"up_{i}" for i in range(4))}
-  assert {k[1] for k in flat if k[0] == "down_1"} == {"block_0", "block_1", "attn_0", "attn_1",
-                                                    "downsample"}
+    "temb",
+    "conv_in",
+    "mid",
+    "norm_out",
+    "conv_out",
+    *(f"down_{i}" for i in range(4)),
+    *(f"up_{i}" for i in range(4)),
+  }
+  assert {k[1] for k in flat if k[0] == "down_1"} == {
+    "block_0",
+    "block_1",
+    "attn_0",
+    "attn_1",
+    "downsample",
+  }
   assert not any(k[:2] == ("down_3", "downsample") for k in flat)
   assert not any(k[:2] == ("up_0", "upsample") for k in flat)
   assert not any(k[1].startswith("attn") for k in flat if k[0] in ("down_0", "up_2"))
@@ -155,8 +167,12 @@ def test_downsample_matches_tf_same_padding():
   assert out.shape == (2, 4, 4, 4)
 
   def conv(xp):
-    return jax.lax.conv_general_dilated(
-      xp, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    return (
+      jax.lax.conv_general_dilated(
+        xp, kernel, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+      + bias
+    )
 
   tf_same = conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
   symmetric = conv(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))[:, :4, :4]
@@ -173,7 +189,8 @@ def test_output_near_zero_at_init(tiny):
   # An rbg key compiles much faster than threefry on CPU; the initialisers' laws are the same.
   params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x, t)["params"]
   out, state = model.apply(
-    {"params": params}, x, t, capture_intermediates=lambda mdl, _: mdl.name == "norm_out")
+    {"params": params}, x, t, capture_intermediates=lambda mdl, _: mdl.name == "norm_out"
+  )
   # conv_out has variance scale 1e-10: outputs are ~1e-5 of what a scale-1 init would give.
   assert float(jnp.max(jnp.abs(out))) < 1e-4
   normed = state["intermediates"]["norm_out"]["__call__"][0]
@@ -214,7 +231,8 @@ def test_remat_same_params_and_outputs_less_saved_memory():
   remat_shapes = jax.eval_shape(remat_model.init, jax.random.key(0), x, t)["params"]
   assert jax.tree_util.tree_structure(remat_shapes) == jax.tree_util.tree_structure(shapes)
   assert jax.tree_util.tree_all(
-    jax.tree_util.tree_map(lambda a, b: a.shape == b.shape, remat_shapes, shapes))
+    jax.tree_util.tree_map(lambda a, b: a.shape == b.shape, remat_shapes, shapes)
+  )
   params = _perturb(shapes)
   ref = model.apply({"params": params}, x, t, train=False)
   np.testing.assert_allclose(remat_model.apply({"params": params}, x, t), ref, atol=1e-5)
@@ -228,7 +246,8 @@ def test_remat_same_params_and_outputs_less_saved_memory():
   remat_value, remat_grads = value_and_grad(params, remat_model)
   np.testing.assert_allclose(remat_value, value, rtol=1e-5)
   jax.tree_util.tree_map(
-    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), remat_grads, grads)
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), remat_grads, grads
+  )
 
   # What the forward pass keeps for the backward pass: with remat only the inputs of the
   # rematerialised parts (a block's input, not its intermediates: 40% of them at this size).
@@ -244,8 +263,12 @@ def test_bfloat16_compute(tiny):
   _, params, x, t = tiny
   variables = {"params": params}
   bf16_model = UNet(**TINY, dtype=jnp.bfloat16)
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(
-    jax.eval_shape(bf16_model.init, jax.random.key(0), x, t)["params"]))
+  assert all(
+    leaf.dtype == jnp.float32
+    for leaf in jax.tree_util.tree_leaves(
+      jax.eval_shape(bf16_model.init, jax.random.key(0), x, t)["params"]
+    )
+  )
   ref = UNet(**TINY).apply(variables, x, t)
   out = bf16_model.apply(variables, x, t)
   assert out.dtype == jnp.float32 and out.shape == ref.shape
@@ -270,20 +293,27 @@ def test_group_norm_matches_numpy(channels):
   params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
   module = GroupNorm()
   assert jax.tree.map(jnp.shape, module.init(jax.random.key(0), x)["params"]) == {
-    "scale": (channels,), "bias": (channels,)}
+    "scale": (channels,),
+    "bias": (channels,),
+  }
   out = module.apply({"params": params}, jnp.asarray(x, jnp.bfloat16))  # Computed in float32.
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(
     module.apply({"params": params}, jnp.asarray(x, jnp.float32)),
-    _np_group_norm(x, scale, bias), atol=2e-5, rtol=1e-5)
+    _np_group_norm(x, scale, bias),
+    atol=2e-5,
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("channels", [32, 96])
 def test_group_norm_gradient_equals_autodiff_of_flax_group_norm(channels):
   """The closed-form backward pass equals autodiff through nn.GroupNorm's formulation."""
   x = jax.random.normal(jax.random.key(4), (2, 4, 4, channels)) * 2 + 0.5
-  params = {"scale": 1 + 0.2 * jax.random.normal(jax.random.key(5), (channels,)),
-            "bias": 0.3 * jax.random.normal(jax.random.key(6), (channels,))}
+  params = {
+    "scale": 1 + 0.2 * jax.random.normal(jax.random.key(5), (channels,)),
+    "bias": 0.3 * jax.random.normal(jax.random.key(6), (channels,)),
+  }
   reference = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False)
   weights = jax.random.normal(jax.random.key(7), x.shape)  # A cotangent that varies everywhere.
 
@@ -300,8 +330,10 @@ def test_group_norm_swish_equals_swish_of_group_norm_and_keeps_only_x_and_statis
   """GroupNorm(with_swish=True) is swish(GroupNorm) in value and gradient; its backward pass
   keeps x and the [B, 1, 1, C] statistics, not the normalised activations swish would keep."""
   x = jax.random.normal(jax.random.key(8), (2, 4, 4, 64)) * 2 + 0.5
-  params = {"scale": 1 + 0.5 * jax.random.normal(jax.random.key(9), (64,)),
-            "bias": jax.random.normal(jax.random.key(10), (64,))}
+  params = {
+    "scale": 1 + 0.5 * jax.random.normal(jax.random.key(9), (64,)),
+    "bias": jax.random.normal(jax.random.key(10), (64,)),
+  }
   fused = GroupNorm(with_swish=True)
   weights = jax.random.normal(jax.random.key(11), x.shape)
 
@@ -311,15 +343,19 @@ def test_group_norm_swish_equals_swish_of_group_norm_and_keeps_only_x_and_statis
   def loss(params, x, apply):
     return jnp.sum(jnp.sin(apply({"params": params}, x)) * weights)
 
-  np.testing.assert_allclose(fused.apply({"params": params}, x),
-                             reference({"params": params}, x), atol=1e-6)
+  np.testing.assert_allclose(
+    fused.apply({"params": params}, x), reference({"params": params}, x), atol=1e-6
+  )
   ours = jax.grad(loss, (0, 1))(params, x, fused.apply)
   theirs = jax.grad(loss, (0, 1))(params, x, reference)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), ours, theirs)
   assert float(jnp.max(jnp.abs(ours[0]["bias"]))) > 0.1
   saved = saved_residuals(lambda p, x: fused.apply({"params": p}, x), params, x)
   assert sorted(aval.shape for aval, _ in saved if aval.size > 64) == [
-    (2, 1, 1, 64), (2, 1, 1, 64), (2, 4, 4, 64)]
+    (2, 1, 1, 64),
+    (2, 1, 1, 64),
+    (2, 4, 4, 64),
+  ]
   saved_by_reference = saved_residuals(lambda p, x: reference({"params": p}, x), params, x)
   assert sum(aval.size for aval, _ in saved_by_reference) > sum(aval.size for aval, _ in saved)
 
@@ -333,17 +369,22 @@ def test_dense_equals_flax_dense_and_its_gradient_dots_are_2d(shape):
   ours, reference = Dense(5, init_scale=1.0), nn.Dense(5)
   params = _perturb(ours.init(jax.random.key(13), x)["params"], std=0.2)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-    jnp.shape, reference.init(jax.random.key(13), x)["params"])
+    jnp.shape, reference.init(jax.random.key(13), x)["params"]
+  )
   weights = jax.random.normal(jax.random.key(14), (*shape[:-1], 5))
 
   def loss(params, x, module):
     return jnp.sum(jnp.sin(module.apply({"params": params}, x)) * weights)
 
-  np.testing.assert_allclose(ours.apply({"params": params}, x),
-                             reference.apply({"params": params}, x), atol=1e-6)
+  np.testing.assert_allclose(
+    ours.apply({"params": params}, x), reference.apply({"params": params}, x), atol=1e-6
+  )
   grads = jax.grad(loss, (0, 1))(params, x, ours)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               grads, jax.grad(loss, (0, 1))(params, x, reference))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+    grads,
+    jax.grad(loss, (0, 1))(params, x, reference),
+  )
   jaxpr = jax.make_jaxpr(lambda p, x: jax.grad(loss, (0, 1))(p, x, ours))(params, x)
   dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
   assert len(dots) == 3  # Forward, input gradient, kernel gradient.
@@ -353,14 +394,14 @@ def test_dense_equals_flax_dense_and_its_gradient_dots_are_2d(shape):
   # The backward pass keeps x itself (as nn.Dense does), not a flattened copy of it.
   saved = saved_residuals(lambda p, x: ours.apply({"params": p}, x), params, x)
   assert sorted((aval.shape, why) for aval, why in saved) == sorted(
-    [(shape, "from the argument x"), ((8, 5), "from the argument p['kernel']")])
+    [(shape, "from the argument x"), ((8, 5), "from the argument p['kernel']")]
+  )
 
 
 def test_attention_block_matches_numpy():
   x = np.asarray(jax.random.normal(jax.random.key(10), (2, 4, 4, 64)), np.float64) * 2 + 0.5
   module = AttnBlock()
-  params = _perturb(module.init(jax.random.key(11), jnp.asarray(x, jnp.float32))["params"],
-                    std=0.2)
+  params = _perturb(module.init(jax.random.key(11), jnp.asarray(x, jnp.float32))["params"], std=0.2)
   out = np.asarray(module.apply({"params": params}, jnp.asarray(x, jnp.float32)))
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
 

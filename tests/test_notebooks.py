@@ -44,8 +44,11 @@ def kernel_dirs(tmp_path_factory):
   kernels = tmp_path_factory.mktemp("jupyter") / "kernels"
   spec_dir = kernels / KERNEL_NAME
   spec_dir.mkdir(parents=True)
-  spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-          "display_name": "ddpm_jax tests", "language": "python"}
+  spec = {
+    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    "display_name": "ddpm_jax tests",
+    "language": "python",
+  }
   (spec_dir / "kernel.json").write_text(json.dumps(spec))
   return [str(kernels)]
 
@@ -55,14 +58,14 @@ def kernel_env(tmp_path) -> dict[str, str]:
   # One CPU device, as on Colab; conftest's simulated devices are for the distributed tests.
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env.update(
-      DDPM_NOTEBOOK_SMALL="1",
-      # The repository's configs/ and ddpm_jax/ first, as pytest's own sys.path has them.
-      PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS=flags.strip(),
-      TF_CPP_MIN_LOG_LEVEL="2",
-      IPYTHONDIR=str(tmp_path / "ipython"),
-      PYDEVD_DISABLE_FILE_VALIDATION="1",
+    DDPM_NOTEBOOK_SMALL="1",
+    # The repository's configs/ and ddpm_jax/ first, as pytest's own sys.path has them.
+    PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p),
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=flags.strip(),
+    TF_CPP_MIN_LOG_LEVEL="2",
+    IPYTHONDIR=str(tmp_path / "ipython"),
+    PYDEVD_DISABLE_FILE_VALIDATION="1",
   )
   return env
 
@@ -70,10 +73,16 @@ def kernel_env(tmp_path) -> dict[str, str]:
 def execute(name: str, kernel_dirs, tmp_path) -> nbformat.NotebookNode:
   """Executes notebooks/<name>.ipynb with cwd `tmp_path`; raises at the first failing cell."""
   nb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
-  km = KernelManager(kernel_name=KERNEL_NAME,
-                     kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
-  client = NotebookClient(nb, km=km, kernel_name=KERNEL_NAME, timeout=CELL_TIMEOUT_S,
-                          resources={"metadata": {"path": str(tmp_path)}})
+  km = KernelManager(
+    kernel_name=KERNEL_NAME, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs)
+  )
+  client = NotebookClient(
+    nb,
+    km=km,
+    kernel_name=KERNEL_NAME,
+    timeout=CELL_TIMEOUT_S,
+    resources={"metadata": {"path": str(tmp_path)}},
+  )
   client.execute(env=kernel_env(tmp_path))
   return nb
 
@@ -113,15 +122,20 @@ def cell(nb, name: str):
 
 
 def stdout(nb, cell_id: str) -> str:
-  return "".join(o.get("text", "") for o in cell(nb, cell_id).outputs
-                 if o.output_type == "stream" and o.name == "stdout")
+  return "".join(
+    o.get("text", "")
+    for o in cell(nb, cell_id).outputs
+    if o.output_type == "stream" and o.name == "stdout"
+  )
 
 
 def pngs(nb, cell_id: str) -> list[np.ndarray]:
   """The image/png outputs of a cell, decoded."""
-  return [np.asarray(Image.open(io.BytesIO(base64.b64decode(o.data["image/png"]))))
-          for o in cell(nb, cell_id).outputs
-          if o.output_type in ("display_data", "execute_result") and "image/png" in o.data]
+  return [
+    np.asarray(Image.open(io.BytesIO(base64.b64decode(o.data["image/png"]))))
+    for o in cell(nb, cell_id).outputs
+    if o.output_type in ("display_data", "execute_result") and "image/png" in o.data
+  ]
 
 
 def number(text: str, pattern: str) -> float:
@@ -131,8 +145,13 @@ def number(text: str, pattern: str) -> float:
 
 
 def assert_no_errors(nb):
-  errors = [(cell_id(c), o.get("ename"), o.get("evalue")) for c in nb.cells
-            if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+  errors = [
+    (cell_id(c), o.get("ename"), o.get("evalue"))
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+    if o.output_type == "error"
+  ]
   assert not errors
   assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
 
@@ -165,20 +184,24 @@ def test_each_notebook_has_its_source():
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_is_in_sync_with_its_source(name):
   stored, expected = read_ipynb(name), from_source(name)
-  stale = (f"notebooks/{name}.ipynb differs from notebooks/{name}.py: regenerate it with "
-           f"`{REGENERATE}` from the repository root (see notebooks/README.md)")
+  stale = (
+    f"notebooks/{name}.ipynb differs from notebooks/{name}.py: regenerate it with "
+    f"`{REGENERATE}` from the repository root (see notebooks/README.md)"
+  )
   summary = lambda nb: [(c.cell_type, c.metadata, c.source) for c in nb.cells]
   assert summary(stored) == summary(expected), stale
   assert stored.metadata == expected.metadata, stale  # Colab's runtime and accelerator.
   assert all(not c.get("outputs") and not c.get("execution_count") for c in stored.cells), (
-      f"notebooks/{name}.ipynb is stored with outputs: {stale}")
+    f"notebooks/{name}.ipynb is stored with outputs: {stale}"
+  )
   names = [cell_id(c) for c in stored.cells if cell_id(c)]
   assert len(names) == len(set(names)), f"{name}: cell_id names repeat: {names}"
   assert cell_id(stored.cells[1]) == "params" and "DDPM_NOTEBOOK_SMALL" in stored.cells[1].source
 
 
-PLACEHOLDER = re.compile(r"<(org|owner|user|username|repo_url|your[^>]*)>|\b(TODO|FIXME|XXX)\b",
-                         re.IGNORECASE)
+PLACEHOLDER = re.compile(
+  r"<(org|owner|user|username|repo_url|your[^>]*)>|\b(TODO|FIXME|XXX)\b", re.IGNORECASE
+)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -249,8 +272,12 @@ def test_quickstart_trains_and_samples(quickstart):
   assert "ddim samples shape (16, 8, 8, 1) (10 steps, eta 0)" in stdout(nb, "ddim")
   # T = 20 and 10 snapshots: predictions at t = 18, 16, ..., 0, then the sample.
   assert "progressive table shape (8, 11, 8, 8, 1)" in stdout(nb, "progressive")
-  for cell_id, shape in [("data", (2 * 10 + 2, 16 * 10 + 2)), ("ancestral", (42, 42)),
-                         ("ddim", (42, 42)), ("progressive", (8 * 10 + 2, 11 * 10 + 2))]:
+  for cell_id, shape in [
+    ("data", (2 * 10 + 2, 16 * 10 + 2)),
+    ("ancestral", (42, 42)),
+    ("ddim", (42, 42)),
+    ("progressive", (8 * 10 + 2, 11 * 10 + 2)),
+  ]:
     (image,) = pngs(nb, cell_id)
     assert image.shape[:2] == (shape[0] * 6, shape[1] * 6), cell_id
   assert grid_size(16) == 42 * 6
@@ -272,8 +299,11 @@ def test_sample_official_weights_converts_and_samples(sample_official_weights):
   check = stdout(nb, "check")
   assert "restored step 0;" in check
   assert number(check, r"output std (\S+)") > 0.1  # Random weights: far from a zero output.
-  diff = number(check, r"max abs diff between the outputs of the converted model and of the "
-                       r"source weights: (\S+)")
+  diff = number(
+    check,
+    r"max abs diff between the outputs of the converted model and of the "
+    r"source weights: (\S+)",
+  )
   assert diff <= 1e-4
   assert "skipped" in stdout(nb, "check_torch")
   assert "samples shape (16, 16, 16, 3) uint8" in stdout(nb, "sample")
@@ -316,8 +346,9 @@ def test_diffusion_explained_bound_and_rate_distortion(diffusion_explained):
   assert [int(k) for k, _, _ in rows] == list(range(1000, 0, -100))
   rates = [float(r) for _, r, _ in rows]
   assert rates == sorted(rates, reverse=True)  # Rate grows with the reverse steps received.
-  rate, decoder, total = (number(rd, p) for p in (r"rate at T (\S+)", r"decoder (\S+)",
-                                                 r"total (\S+) bits/dim"))
+  rate, decoder, total = (
+    number(rd, p) for p in (r"rate at T (\S+)", r"decoder (\S+)", r"total (\S+) bits/dim")
+  )
   assert abs(rate + decoder - total) < 2e-4 and abs(total - totals["fixedlarge"]) < 1e-3
 
 

@@ -22,14 +22,16 @@ OURS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 def test_adds_the_cpu_flags_after_the_users_own():
   assert xla_flags.with_cpu_flags("") == OURS
   assert xla_flags.with_cpu_flags(" --xla_force_host_platform_device_count=4 ") == (
-    f"--xla_force_host_platform_device_count=4 {OURS}")
+    f"--xla_force_host_platform_device_count=4 {OURS}"
+  )
 
 
 def test_keeps_a_value_the_user_set():
   mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution --xla_cpu_keep=1"
   assert xla_flags.with_cpu_flags(mine) == mine
   assert xla_flags.with_cpu_flags("--xla_cpu_experimental_ynn_fusion_type") == (
-    "--xla_cpu_experimental_ynn_fusion_type")
+    "--xla_cpu_experimental_ynn_fusion_type"
+  )
 
 
 def test_apply_sets_the_environment_once():
@@ -60,8 +62,15 @@ print(sum("__ynn_fusion" in line for line in lines), sum(" convolution(" in line
 
 def _kernels(mode: str) -> tuple[int, int]:
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", _COUNT_KERNELS, mode], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300, check=True)
+  proc = subprocess.run(
+    [sys.executable, "-c", _COUNT_KERNELS, mode],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  )
   ynn, convolutions = proc.stdout.split()
   return int(ynn), int(convolutions)
 
@@ -92,13 +101,18 @@ def test_inference_options_keep_reductions_out_of_ynnpack():
   # A convolution followed by per-channel means (GroupNorm's statistics): under the train step's
   # flags the reduction is a YNNPACK fusion, with the inference options an XLA loop.
   def forward(x, k):
-    h = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return h - jnp.mean(h, axis=(1, 2), keepdims=True)
 
   def ynn_fusions(options):
-    text = jax.jit(forward, compiler_options=options).lower(
-      jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
+    text = (
+      jax.jit(forward, compiler_options=options)
+      .lower(jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32)))
+      .compile()
+      .as_text()
+    )
     return sum("__ynn_fusion" in line for line in text.splitlines())
 
   assert ynn_fusions(None) >= 1
@@ -113,7 +127,8 @@ def test_samplers_and_likelihood_compile_with_the_inference_options(monkeypatch)
   mesh = parallel.make_mesh()
   params = jax.device_put(
     jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)),
-    parallel.replicated(mesh))["params"]
+    parallel.replicated(mesh),
+  )["params"]
   keys = samplers.sample_keys(jax.random.PRNGKey(0), 0, 4)
   platforms = []
 
@@ -122,7 +137,11 @@ def test_samplers_and_likelihood_compile_with_the_inference_options(monkeypatch)
     return {YNN: "NOT_A_FUSION_TYPE"}
 
   assert samplers.make_sampler(diffusion, model, mesh, (8, 8, 1))(params, keys).shape == (
-    4, 8, 8, 1)
+    4,
+    8,
+    8,
+    1,
+  )
   monkeypatch.setattr(xla_flags, "inference_compiler_options", invalid)
   sample = samplers.make_sampler(diffusion, model, mesh, (8, 8, 1))
   bpd_fn = bpd.make_bpd_fn(diffusion, model, mesh, jax.random.PRNGKey(0))

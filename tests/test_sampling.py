@@ -26,9 +26,14 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("wd"))
 
   def config(**overrides):
-    base = {"data.data_dir": data_dir, "training.num_train_steps": 2,
-            "training.checkpoint_every_steps": 2, "training.fid_num_samples": 0,
-            "sample.num_samples": NUM_SAMPLES, "sample.batch_size": BATCH}
+    base = {
+      "data.data_dir": data_dir,
+      "training.num_train_steps": 2,
+      "training.checkpoint_every_steps": 2,
+      "training.fid_num_samples": 0,
+      "sample.num_samples": NUM_SAMPLES,
+      "sample.batch_size": BATCH,
+    }
     return tiny_digits_config(**(base | overrides))
 
   train_loop.train_and_evaluate(config(), workdir)
@@ -60,8 +65,9 @@ def assert_close_uint8(a, b):
 def test_run_sampling_writes_shards_resumes_and_regenerates_the_same_bytes(trained):
   config, workdir = trained
   directory = shards.run_sampling(config(), workdir)
-  assert re.fullmatch(re.escape(workdir) + r"/samples_step2_ancestral_20steps_seed1_[0-9a-f]{8}",
-                      directory)
+  assert re.fullmatch(
+    re.escape(workdir) + r"/samples_step2_ancestral_20steps_seed1_[0-9a-f]{8}", directory
+  )
   assert shard_files(directory) == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
   written = [read_shard(os.path.join(directory, f)) for f in shard_files(directory)]
   assert [s[0].shape for s in written] == [(4, 8, 8, 1), (4, 8, 8, 1), (2, 8, 8, 1)]
@@ -89,7 +95,8 @@ def test_run_sampling_writes_shards_resumes_and_regenerates_the_same_bytes(train
     assert f.read() == original
   after = mtimes(directory)
   assert {f: t for f, t in after.items() if f != "shard_00001.npz"} == {
-      f: t for f, t in before.items() if f != "shard_00001.npz"}
+    f: t for f, t in before.items() if f != "shard_00001.npz"
+  }
 
 
 def test_other_settings_never_reuse_stale_samples(trained):
@@ -98,8 +105,9 @@ def test_other_settings_never_reuse_stale_samples(trained):
   config, workdir = trained
   base = shards.run_sampling(config(), workdir)
   cosine = shards.run_sampling(config(**{"diffusion.beta_schedule": "cosine"}), workdir)
-  larger = shards.run_sampling(config(**{"data.image_size": 16, "model.attn_resolutions": (8,)}),
-                               workdir)
+  larger = shards.run_sampling(
+    config(**{"data.image_size": 16, "model.attn_resolutions": (8,)}), workdir
+  )
   assert len({base, cosine, larger}) == 3
   assert shards.load_samples(larger).shape == (NUM_SAMPLES, 16, 16, 1)
   assert np.mean(shards.load_samples(cosine) != shards.load_samples(base)) > 0.1
@@ -107,22 +115,27 @@ def test_other_settings_never_reuse_stale_samples(trained):
     manifest = json.load(f)
   assert manifest["diffusion"]["beta_schedule"] == "cosine"
   assert manifest["checkpoint_step"] == 2 and manifest["image_shape"] == [8, 8, 1]
-  assert manifest["sampler"] == {"sampler": "ancestral", "num_steps": 20, "eta": 1.0,
-                                 "clip_denoised": True}
+  assert manifest["sampler"] == {
+    "sampler": "ancestral",
+    "num_steps": 20,
+    "eta": 1.0,
+    "clip_denoised": True,
+  }
   # Neither the batch size nor the number of samples changes the images: same directory.
   assert shards.run_sampling(config(**{"sample.batch_size": 3}), workdir) == base
   # A directory whose manifest says otherwise is refused, and left as it is.
   with pytest.raises(shards.StaleSamplesError, match="holds samples of other settings"):
-    shards.run_sampling(config(**{"diffusion.beta_schedule": "cosine"}), workdir,
-                        output_dir=base)
-  manifest = shards.sample_manifest(config(), samplers.SamplerSpec.from_config(config().sample, 20),
-                                    2)
+    shards.run_sampling(config(**{"diffusion.beta_schedule": "cosine"}), workdir, output_dir=base)
+  manifest = shards.sample_manifest(
+    config(), samplers.SamplerSpec.from_config(config().sample, 20), 2
+  )
   with open(os.path.join(base, shards.MANIFEST_NAME)) as f:
     assert json.load(f) == json.loads(json.dumps(manifest)) and manifest["model"]["ch"] == 32
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "wrong_shape", "wrong_dtype",
-                                    "wrong_indices"])
+@pytest.mark.parametrize(
+  "damage", ["empty", "truncated", "wrong_shape", "wrong_dtype", "wrong_indices"]
+)
 def test_bad_shards_are_regenerated(trained, damage):
   config, workdir = trained
   directory = shards.run_sampling(config(), workdir)
@@ -131,11 +144,11 @@ def test_bad_shards_are_regenerated(trained, damage):
     original = f.read()
   images, indices = read_shard(path)
   bad = {
-      "empty": lambda: b"",
-      "truncated": lambda: original[: len(original) // 2],
-      "wrong_shape": lambda: shards._npz_bytes(images=images[:, :4], indices=indices),
-      "wrong_dtype": lambda: shards._npz_bytes(images=images.astype(np.float32), indices=indices),
-      "wrong_indices": lambda: shards._npz_bytes(images=images, indices=indices + 1),
+    "empty": lambda: b"",
+    "truncated": lambda: original[: len(original) // 2],
+    "wrong_shape": lambda: shards._npz_bytes(images=images[:, :4], indices=indices),
+    "wrong_dtype": lambda: shards._npz_bytes(images=images.astype(np.float32), indices=indices),
+    "wrong_indices": lambda: shards._npz_bytes(images=images, indices=indices + 1),
   }[damage]()
   with open(path, "wb") as f:
     f.write(bad)
@@ -173,16 +186,19 @@ def test_samples_do_not_depend_on_device_count_or_batch_size(trained):
 
 def test_ddim_and_strided_ancestral_samplers(trained):
   config, workdir = trained
-  ddim = shards.run_sampling(config(**{"sample.sampler": "ddim", "sample.num_steps": 5,
-                                       "sample.eta": 0.0}), workdir)
+  ddim = shards.run_sampling(
+    config(**{"sample.sampler": "ddim", "sample.num_steps": 5, "sample.eta": 0.0}), workdir
+  )
   assert re.fullmatch(r"samples_step2_ddim_5steps_eta0_seed1_[0-9a-f]{8}", os.path.basename(ddim))
   # Ancestral with fewer steps than T is DDIM with eta = 1 on the same 5 strided steps.
   strided_config = config(**{"sample.num_steps": 5, "sample.eta": 0.0})
   assert samplers.SamplerSpec.from_config(strided_config.sample, 20) == samplers.SamplerSpec(
-      "ancestral", 5, 1.0, True)
+    "ancestral", 5, 1.0, True
+  )
   strided = shards.run_sampling(strided_config, workdir)
-  assert re.fullmatch(r"samples_step2_ancestral_5steps_seed1_[0-9a-f]{8}",
-                      os.path.basename(strided))
+  assert re.fullmatch(
+    r"samples_step2_ancestral_5steps_seed1_[0-9a-f]{8}", os.path.basename(strided)
+  )
   eta0, eta1 = shards.load_samples(ddim), shards.load_samples(strided)
   full = shards.load_samples(shards.run_sampling(config(), workdir))
   assert eta0.shape == eta1.shape == (NUM_SAMPLES, 8, 8, 1) and eta0.dtype == np.uint8
@@ -215,8 +231,9 @@ def test_no_checkpoint_error(tmp_path, trained):
 def untile(path, rows, cols, size=8, padding=2):
   image = np.asarray(Image.open(path))
   assert image.shape == (rows * (size + padding) + padding, cols * (size + padding) + padding)
-  cell = lambda r, c: image[padding + r * (size + padding):][:size,
-                            padding + c * (size + padding):][:, :size]
+  cell = lambda r, c: image[padding + r * (size + padding) :][
+    :size, padding + c * (size + padding) :
+  ][:, :size]
   return np.stack([[cell(r, c) for c in range(cols)] for r in range(rows)])[..., None]
 
 
@@ -225,14 +242,17 @@ def test_write_figures(trained):
   cfg = config()
   sources = figures.eval_images(cfg, 4)
   paths = figures.write_figures(cfg, workdir, num_pairs=2, num_samples=4, num_chains=3)
-  assert set(paths) == {"progressive_generation", "shared_latents", "interpolation",
-                        "coarse_to_fine"}
+  assert set(paths) == {
+    "progressive_generation",
+    "shared_latents",
+    "interpolation",
+    "coarse_to_fine",
+  }
   assert all(p.startswith(os.path.join(workdir, "figures", "step_2")) for p in paths.values())
   progressive = untile(paths["progressive_generation"], 4, 21)  # 20 snapshots + the sample.
   assert_close_uint8(progressive[:, -2], progressive[:, -1])  # x0 predicted at t = 0 is the sample.
   assert np.mean(progressive[:, 0] != progressive[:, -1]) > 0.1
-  assert_close_uint8(progressive[:, -1], shards.load_samples(shards.run_sampling(cfg, workdir),
-                                                             4))
+  assert_close_uint8(progressive[:, -1], shards.load_samples(shards.run_sampling(cfg, workdir), 4))
   shared = untile(paths["shared_latents"], 4, 2 + 3)
   source = image_grid.to_uint8(sources[0])
   assert all(np.array_equal(shared[r, 0], source) for r in range(4))
@@ -253,10 +273,8 @@ def test_interpolation_endpoints_are_reconstructions(trained):
   images = figures.eval_images(cfg, 3)
   rng, t = jax.random.PRNGKey(5), figures.scaled_timestep(0.5, 20)
   assert t == 9
-  ab = figures.interpolation(diffusion, model, params, images[:1], images[1:2], rng,
-                             timesteps=[t])
-  ac = figures.interpolation(diffusion, model, params, images[:1], images[2:3], rng,
-                             timesteps=[t])
+  ab = figures.interpolation(diffusion, model, params, images[:1], images[1:2], rng, timesteps=[t])
+  ac = figures.interpolation(diffusion, model, params, images[:1], images[2:3], rng, timesteps=[t])
   assert ab.shape == (1, 13, 8, 8, 1) and ab.dtype == np.uint8
   np.testing.assert_array_equal(ab[0, 1], ac[0, 1])  # lambda = 0 does not see image b.
   assert not np.array_equal(ab[0, -2], ac[0, -2])  # lambda = 1 is image b's reconstruction.

@@ -8,17 +8,27 @@ import sys
 
 from conftest import REPO, subprocess_env
 
-TINY_STEPS = ["--config.diffusion.num_timesteps=20", "--config.training.log_every=2",
-              "--config.training.checkpoint_every_steps=2", "--config.training.sample_every=4",
-              "--config.training.num_sample_images=4", "--config.training.fid_num_samples=20"]
+TINY_STEPS = [
+  "--config.diffusion.num_timesteps=20",
+  "--config.training.log_every=2",
+  "--config.training.checkpoint_every_steps=2",
+  "--config.training.sample_every=4",
+  "--config.training.num_sample_images=4",
+  "--config.training.fid_num_samples=20",
+]
 
 
 def _copy_of_the_repository(dest) -> str:
   """The repository's files (a clean clone's: tracked and new, mtimes kept), and a stand-in venv
   that is this interpreter, so that `scripts/ensure_venv.sh` finds it installed and installs
   nothing."""
-  files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+  files = subprocess.run(
+    ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.split()
   for name in filter(lambda name: os.path.isfile(os.path.join(REPO, name)), files):
     os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
     shutil.copy2(os.path.join(REPO, name), os.path.join(dest, name))
@@ -33,8 +43,9 @@ def _copy_of_the_repository(dest) -> str:
 
 def run_script(repo, venv, args):
   env = dict(subprocess_env(4), DDPM_JAX_VENV=venv)
-  result = subprocess.run(["./train_digits.sh", *args], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=900)
+  result = subprocess.run(
+    ["./train_digits.sh", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+  )
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-3000:]
   assert "Traceback" not in output, output[-3000:]  # Background threads included.

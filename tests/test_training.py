@@ -37,21 +37,27 @@ with tfds.testing.mock_data(num_examples=32):
 
 def run_main_on_mock_data(args: list[str]) -> subprocess.CompletedProcess:
   """Runs ddpm_jax.main's `main` with ARGS in a fresh process, TFDS mocked to random data."""
-  return subprocess.run([sys.executable, "-c", MOCK_MAIN, *args], env=subprocess_env(4),
-                        capture_output=True, text=True, cwd=REPO, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-c", MOCK_MAIN, *args],
+    env=subprocess_env(4),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+  )
 
 
 def restore(workdir, config):
   loop = train_loop.TrainLoop(config, workdir)
   ckpt = checkpointer.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10, every_steps=0)
   with ckpt:
-    return ckpt.restore(checkpointer.abstract_state(loop.init_fn, parallel.replicated(
-        loop.mesh)))
+    return ckpt.restore(checkpointer.abstract_state(loop.init_fn, parallel.replicated(loop.mesh)))
 
 
 def assert_trees_close(a, b, atol):
-  for (path, x), y in zip(traverse_util.flatten_dict(a).items(),
-                          traverse_util.flatten_dict(b).values(), strict=True):
+  for (path, x), y in zip(
+    traverse_util.flatten_dict(a).items(), traverse_util.flatten_dict(b).values(), strict=True
+  ):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, err_msg=str(path))
 
 
@@ -64,19 +70,28 @@ def test_sharded_gradient_is_the_gradient_of_the_global_mean_loss():
   model, diffusion = model_bundle.create_model(config), model_bundle.create_diffusion(config)
   x = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), x[:1], jnp.zeros((1,), jnp.int32))["params"]
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
-                        params)
+  params = jax.tree.map(
+    lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params
+  )
   results = []
   for n in (1, 4):
     mesh = parallel.make_mesh(jax.devices()[:n])
-    state = state_lib.create_train_state(jax.tree.map(jnp.copy, params), optax.sgd(1.0),
-                                           jax.random.PRNGKey(3))
+    state = state_lib.create_train_state(
+      jax.tree.map(jnp.copy, params), optax.sgd(1.0), jax.random.PRNGKey(3)
+    )
     step_fn = step_lib.make_train_step(
-        diffusion=diffusion, model=model, optimizer=optax.sgd(1.0), lr_schedule=lambda s: 1.0,
-        ema_decay=0.5, global_batch_size=8)
+      diffusion=diffusion,
+      model=model,
+      optimizer=optax.sgd(1.0),
+      lr_schedule=lambda s: 1.0,
+      ema_decay=0.5,
+      global_batch_size=8,
+    )
     step = step_lib.shard_train_step(step_fn, mesh)
-    new, metrics = step(jax.device_put(state, parallel.replicated(mesh)),
-                        jax.device_put(x, parallel.batch_sharding(mesh)))
+    new, metrics = step(
+      jax.device_put(state, parallel.replicated(mesh)),
+      jax.device_put(x, parallel.batch_sharding(mesh)),
+    )
     results.append((jax.device_get(new), jax.device_get(metrics)))
   (one, m1), (four, m4) = results
   assert float(m4["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5)
@@ -93,8 +108,11 @@ def test_state_buffers_are_distinct_for_donation():
   config = tiny_digits_config()
   loop = train_loop.TrainLoop(config, "/tmp/unused")
   state = loop.init_fn()
-  pointers = [x.addressable_shards[0].data.unsafe_buffer_pointer()
-              for x in jax.tree.leaves(state) if x.size > 1]
+  pointers = [
+    x.addressable_shards[0].data.unsafe_buffer_pointer()
+    for x in jax.tree.leaves(state)
+    if x.size > 1
+  ]
   assert len(pointers) == len(set(pointers))
 
 
@@ -105,10 +123,10 @@ def test_steps_per_call_matches_single_steps():
   x = jax.random.uniform(jax.random.PRNGKey(0), (3, 8, 8, 8, 1), minval=-1, maxval=1)
   state = loop.init_fn()
   for i in range(3):
-    state, _ = loop.train_step(1)(state, jax.device_put(x[i], parallel.batch_sharding(
-        loop.mesh)))
+    state, _ = loop.train_step(1)(state, jax.device_put(x[i], parallel.batch_sharding(loop.mesh)))
   multi, metrics = loop.train_step(3)(
-      loop.init_fn(), jax.device_put(x, parallel.batch_sharding(loop.mesh, 3)))
+    loop.init_fn(), jax.device_put(x, parallel.batch_sharding(loop.mesh, 3))
+  )
   assert int(multi.step) == 3 and bool(metrics["finite"])
   assert_trees_close(multi.params, state.params, atol=1e-6)
   assert_trees_close(multi.ema_params, state.ema_params, atol=1e-6)
@@ -120,19 +138,27 @@ def test_steps_per_call_matches_single_steps():
 def test_main_end_to_end_on_mock_cifar10(tmp_path):
   workdir = str(tmp_path / "wd")
   overrides = [
-      "--config.model.ch=32", "--config.model.ch_mult=(1,2)", "--config.model.num_res_blocks=1",
-      "--config.model.attn_resolutions=(16,)", "--config.diffusion.num_timesteps=10",
-      "--config.training.batch_size=8", "--config.training.num_train_steps=4",
-      "--config.training.log_every=2", "--config.training.checkpoint_every_steps=2",
-      "--config.training.sample_every=4", "--config.training.num_sample_images=4",
-      "--config.data.shuffle_buffer=16",
+    "--config.model.ch=32",
+    "--config.model.ch_mult=(1,2)",
+    "--config.model.num_res_blocks=1",
+    "--config.model.attn_resolutions=(16,)",
+    "--config.diffusion.num_timesteps=10",
+    "--config.training.batch_size=8",
+    "--config.training.num_train_steps=4",
+    "--config.training.log_every=2",
+    "--config.training.checkpoint_every_steps=2",
+    "--config.training.sample_every=4",
+    "--config.training.num_sample_images=4",
+    "--config.data.shuffle_buffer=16",
   ]
   result = run_main_on_mock_data(
-      [f"--config={REPO}/configs/cifar10.py", f"--workdir={workdir}", *overrides])
+    [f"--config={REPO}/configs/cifar10.py", f"--workdir={workdir}", *overrides]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   png = os.path.join(workdir, "samples", "step_00000004.png")
   from PIL import Image
+
   image = np.asarray(Image.open(png))
   # A 2x2 grid of 32x32 images with 2-pixel padding, upscaled 2x for viewing.
   assert image.shape == (2 * (2 + 2 * 34), 2 * (2 + 2 * 34), 3) and image.std() > 0
@@ -140,8 +166,14 @@ def test_main_end_to_end_on_mock_cifar10(tmp_path):
   events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
   assert events
   scalars = read_scalars(workdir)
-  assert set(scalars) >= {"loss", "grad_norm", "param_norm", "lr", "steps_per_sec",
-                          "images_per_sec"}
+  assert set(scalars) >= {
+    "loss",
+    "grad_norm",
+    "param_norm",
+    "lr",
+    "steps_per_sec",
+    "images_per_sec",
+  }
   assert [s for s, _ in scalars["loss"]] == [2, 4]
   assert all(np.isfinite(v) and v > 0 for _, v in scalars["loss"])
   # lr warms up linearly over 5000 steps from 0: lr(step 3) = 2e-4 * 3 / 5000.
@@ -149,11 +181,21 @@ def test_main_end_to_end_on_mock_cifar10(tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
-  config = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 8,
-                                 "training.checkpoint_every_steps": 100})
+  config = tiny_digits_config(
+    **{
+      "data.data_dir": data_dir,
+      "training.num_train_steps": 8,
+      "training.checkpoint_every_steps": 100,
+    }
+  )
   full = train_loop.train_and_evaluate(config, str(tmp_path / "full"))
-  half = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 4,
-                               "training.checkpoint_every_steps": 100})
+  half = tiny_digits_config(
+    **{
+      "data.data_dir": data_dir,
+      "training.num_train_steps": 4,
+      "training.checkpoint_every_steps": 100,
+    }
+  )
   resumed_dir = str(tmp_path / "resumed")
   first = train_loop.train_and_evaluate(half, resumed_dir)
   assert int(first.step) == 4
@@ -166,13 +208,22 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
 
 
 def test_training_ends_with_samples_and_their_sample_quality(tmp_path, data_dir, capsys):
-  config = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 2,
-                                 "training.sample_every": 2, "training.num_sample_images": 4,
-                                 "training.fid_num_samples": 40})
+  config = tiny_digits_config(
+    **{
+      "data.data_dir": data_dir,
+      "training.num_train_steps": 2,
+      "training.sample_every": 2,
+      "training.num_sample_images": 4,
+      "training.fid_num_samples": 40,
+    }
+  )
   train_loop.train_and_evaluate(config, str(tmp_path))
   out = capsys.readouterr().out
-  match = re.search(r"Sample quality of 40 EMA samples at step 2 \(digits, against its train "
-                    r"split\): fid ([0-9.e+]+), num_samples 40, inception_score ([0-9.e+]+)", out)
+  match = re.search(
+    r"Sample quality of 40 EMA samples at step 2 \(digits, against its train "
+    r"split\): fid ([0-9.e+]+), num_samples 40, inception_score ([0-9.e+]+)",
+    out,
+  )
   assert match, out
   # Two training steps give noise, far from the digits, and a weak IS (at most 10 classes).
   assert float(match.group(1)) > 10 and 1 <= float(match.group(2)) < 10
@@ -185,25 +236,36 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, data_dir)
   workdir = str(tmp_path / "wd")
   config = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 3})
   train_loop.train_and_evaluate(config, workdir)
-  bad = tiny_digits_config(**{"data.data_dir": data_dir, "training.num_train_steps": 12,
-                              "training.checkpoint_every_steps": 1, "training.log_every": 1,
-                              "optim.lr": 1e35, "optim.grad_clip": 0.0})
-  with pytest.raises(train_loop.NonFiniteLossError,
-                     match="latest checkpoint in the workdir is intact"):
+  bad = tiny_digits_config(
+    **{
+      "data.data_dir": data_dir,
+      "training.num_train_steps": 12,
+      "training.checkpoint_every_steps": 1,
+      "training.log_every": 1,
+      "optim.lr": 1e35,
+      "optim.grad_clip": 0.0,
+    }
+  )
+  with pytest.raises(
+    train_loop.NonFiniteLossError, match="latest checkpoint in the workdir is intact"
+  ):
     train_loop.train_and_evaluate(bad, workdir)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
   state = restore(workdir, config)
   assert checkpointer.is_finite(state)
   assert steps[0] == 3 and all(
-      checkpointer.is_finite(restore_step(workdir, config, s)) for s in steps)
+    checkpointer.is_finite(restore_step(workdir, config, s)) for s in steps
+  )
 
 
 def restore_step(workdir, config, step):
   loop = train_loop.TrainLoop(config, workdir)
-  with checkpointer.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10,
-                                  every_steps=0) as ckpt:
-    return ckpt.restore(checkpointer.abstract_state(
-        loop.init_fn, parallel.replicated(loop.mesh)), step)
+  with checkpointer.Checkpointer(
+    os.path.join(workdir, "checkpoints"), keep=10, every_steps=0
+  ) as ckpt:
+    return ckpt.restore(
+      checkpointer.abstract_state(loop.init_fn, parallel.replicated(loop.mesh)), step
+    )
 
 
 def test_parameter_count_of_the_digits_default():
@@ -211,8 +273,9 @@ def test_parameter_count_of_the_digits_default():
 
   config = digits.get_config()
   model = model_bundle.create_model(config)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)),
-                          jnp.zeros((1,), jnp.int32))
+  shapes = jax.eval_shape(
+    model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+  )
   assert parallel.param_count(shapes["params"]) == 1_001_729
 
 
@@ -223,9 +286,12 @@ def test_bfloat16_compute_keeps_float32_state_and_loss_within_one_percent():
     loop = train_loop.TrainLoop(config, "/tmp/unused")
     state = loop.init_fn()
     assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} <= {
-        jnp.dtype("float32"), jnp.dtype("int32")}
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
-                          state.params)
+      jnp.dtype("float32"),
+      jnp.dtype("int32"),
+    }
+    params = jax.tree.map(
+      lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), state.params
+    )
     x = jax.random.uniform(jax.random.PRNGKey(0), (64, 8, 8, 1), minval=-1, maxval=1)
     t = jnp.arange(64, dtype=jnp.int32) * 20 % config.diffusion.num_timesteps
     noise = jax.random.normal(jax.random.PRNGKey(2), x.shape)

@@ -18,20 +18,37 @@ def data_dir(tmp_path_factory):
 
 
 def main_command(workdir, data_dir, num_steps, extra=()):
-  return [sys.executable, "-m", "ddpm_jax.main", f"--config={REPO}/configs/digits.py",
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.model.num_res_blocks=1", "--config.diffusion.num_timesteps=20",
-          "--config.training.batch_size=8", f"--config.training.num_train_steps={num_steps}",
-          "--config.training.log_every=2", "--config.training.checkpoint_every_steps=1000",
-          "--config.training.checkpoint_every_secs=0",
-          "--config.training.sample_every=0", "--config.training.fid_num_samples=0",
-          "--config.optim.warmup_steps=2", "--config.data.num_shards=2", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "ddpm_jax.main",
+    f"--config={REPO}/configs/digits.py",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.model.num_res_blocks=1",
+    "--config.diffusion.num_timesteps=20",
+    "--config.training.batch_size=8",
+    f"--config.training.num_train_steps={num_steps}",
+    "--config.training.log_every=2",
+    "--config.training.checkpoint_every_steps=1000",
+    "--config.training.checkpoint_every_secs=0",
+    "--config.training.sample_every=0",
+    "--config.training.fid_num_samples=0",
+    "--config.optim.warmup_steps=2",
+    "--config.data.num_shards=2",
+    *extra,
+  ]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, data_dir):
   workdir = str(tmp_path / "wd")
-  proc = subprocess.Popen(main_command(workdir, data_dir, 100_000), env=subprocess_env(4),
-                          stderr=subprocess.PIPE, text=True, cwd=REPO)
+  proc = subprocess.Popen(
+    main_command(workdir, data_dir, 100_000),
+    env=subprocess_env(4),
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=REPO,
+  )
   lines = []
   for line in proc.stderr:
     lines.append(line)
@@ -42,13 +59,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, data_dir):
   assert proc.returncode == 0, "".join(lines) + rest
   steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
   assert len(steps) == 1 and 4 <= steps[0] < 100_000
-  resumed = subprocess.run(main_command(workdir, data_dir, steps[0] + 2),
-                           env=subprocess_env(4), capture_output=True, text=True, cwd=REPO,
-                           timeout=300)
+  resumed = subprocess.run(
+    main_command(workdir, data_dir, steps[0] + 2),
+    env=subprocess_env(4),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from the checkpoint of step {steps[0]}" in resumed.stderr
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [
-      steps[0], steps[0] + 2]
+    steps[0],
+    steps[0] + 2,
+  ]
 
 
 # Adam turns float noise in near-zero gradients (the cross-process sum adds in another order)
@@ -60,13 +84,25 @@ def run_two_processes(workdir, data_dir, num_steps):
   """Two processes x 2 devices through launch/local_multiprocess.py; returns their outputs."""
   main_args = main_command(workdir, data_dir, num_steps, [ADAM_EPS])[3:]
   result = subprocess.run(
-      [sys.executable, os.path.join(REPO, "launch", "local_multiprocess.py"),
-       "--num_processes=2", "--devices_per_process=2", "--", *main_args],
-      env=subprocess_env(2), capture_output=True, text=True, cwd=REPO, timeout=600)
+    [
+      sys.executable,
+      os.path.join(REPO, "launch", "local_multiprocess.py"),
+      "--num_processes=2",
+      "--devices_per_process=2",
+      "--",
+      *main_args,
+    ],
+    env=subprocess_env(2),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+  )
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-4000:]
-  return ["\n".join(line for line in output.splitlines() if line.startswith(f"[{i}]"))
-          for i in range(2)]
+  return [
+    "\n".join(line for line in output.splitlines() if line.startswith(f"[{i}]")) for i in range(2)
+  ]
 
 
 def test_two_processes_match_one_process(tmp_path, data_dir):
@@ -77,12 +113,24 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   logs = run_two_processes(multi_dir, data_dir, 6)  # Resumes from step 3.
   assert "Resumed from the checkpoint of step 3" in logs[0]
   assert "Resumed from the checkpoint of step 3" in logs[1]
-  single = subprocess.run(main_command(single_dir, data_dir, 6, [ADAM_EPS]), env=subprocess_env(4),
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+  single = subprocess.run(
+    main_command(single_dir, data_dir, 6, [ADAM_EPS]),
+    env=subprocess_env(4),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+  )
   assert single.returncode == 0, single.stderr[-3000:]
   # The two-process checkpoint of step 3 resumes in one process with 4 devices.
-  mixed = subprocess.run(main_command(mixed_dir, data_dir, 6, [ADAM_EPS]), env=subprocess_env(4),
-                         capture_output=True, text=True, cwd=REPO, timeout=600)
+  mixed = subprocess.run(
+    main_command(mixed_dir, data_dir, 6, [ADAM_EPS]),
+    env=subprocess_env(4),
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=600,
+  )
   assert mixed.returncode == 0, mixed.stderr[-3000:]
   assert "Resumed from the checkpoint of step 3" in mixed.stderr
   single_state = restore(single_dir, digits_cli_config(data_dir))
@@ -102,5 +150,3 @@ def digits_cli_config(data_dir):
   config.diffusion.num_timesteps = 20
   config.data.num_shards = 2
   return config
-
-

@@ -74,13 +74,43 @@ def raw_zip(members) -> bytes:
   out, central = io.BytesIO(), []
   for name, payload, method, crc, size in members:
     offset, encoded = out.tell(), name.encode()
-    out.write(struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(payload),
-                          size, len(encoded), 0) + encoded + payload)
-    central.append(struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, method, 0, 0x21, crc,
-                               len(payload), size, len(encoded), 0, 0, 0, 0, 0, offset) + encoded)
+    out.write(
+      struct.pack(
+        "<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(payload), size, len(encoded), 0
+      )
+      + encoded
+      + payload
+    )
+    central.append(
+      struct.pack(
+        "<4s6H3I5H2I",
+        b"PK\x01\x02",
+        20,
+        20,
+        0,
+        method,
+        0,
+        0x21,
+        crc,
+        len(payload),
+        size,
+        len(encoded),
+        0,
+        0,
+        0,
+        0,
+        0,
+        offset,
+      )
+      + encoded
+    )
   directory, start = b"".join(central), out.tell()
-  out.write(directory + struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(members), len(members),
-                                    len(directory), start, 0))
+  out.write(
+    directory
+    + struct.pack(
+      "<4s4H2IH", b"PK\x05\x06", 0, 0, len(members), len(members), len(directory), start, 0
+    )
+  )
   return out.getvalue()
 
 
@@ -176,8 +206,13 @@ def run_readers(tmp_path, cases, memory: int = GIB, timeout: float = 120) -> dic
   spec = tmp_path / "cases.json"
   spec.write_text(json.dumps(cases))
   try:
-    done = subprocess.run([sys.executable, "-c", HARNESS, str(spec), str(memory)], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+      [sys.executable, "-c", HARNESS, str(spec), str(memory)],
+      env=ENV,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+    )
   except subprocess.TimeoutExpired:
     pytest.fail(f"the readers did not finish {len(cases)} files in {timeout} s")
   assert done.returncode == 0, done.stderr[-3000:]
@@ -199,26 +234,41 @@ def random_digits_weights(tmp_path) -> str:
   """A diffusers .safetensors of random weights for `configs/digits.py` with one ResBlock."""
   config = tiny_digits_config()
   rng = np.random.default_rng(0)
-  flat = {p: rng.normal(size=s.shape).astype(np.float32)
-          for p, s in matching.variable_shapes(config).items()}
+  flat = {
+    p: rng.normal(size=s.shape).astype(np.float32)
+    for p, s in matching.variable_shapes(config).items()
+  }
   path = str(tmp_path / "diffusion_pytorch_model.safetensors")
   safetensors.numpy.save_file(
-    diffusers_weights.to_diffusers_state_dict(traverse_util.unflatten_dict(flat, sep="/")), path)
+    diffusers_weights.to_diffusers_state_dict(traverse_util.unflatten_dict(flat, sep="/")), path
+  )
   return path
 
 
 def run_convert(cwd, *args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "ddpm_jax.convert", *args], env=ENV, cwd=cwd,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "ddpm_jax.convert", *args],
+    env=ENV,
+    cwd=cwd,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_negative_step_is_refused_before_any_work(tmp_path):
   weights = random_digits_weights(tmp_path)
   with pytest.raises(ValueError, match=r"^step must be >= 0, got -5$"):
     convert.convert("diffusers", weights, tiny_digits_config(), str(tmp_path / "run"), step=-5)
-  done = run_convert(tmp_path, "--source=diffusers", f"--input={weights}",
-                     f"--config={REPO}/configs/digits.py", "--config.model.num_res_blocks=1",
-                     "--workdir=run", "--step=-5")
+  done = run_convert(
+    tmp_path,
+    "--source=diffusers",
+    f"--input={weights}",
+    f"--config={REPO}/configs/digits.py",
+    "--config.model.num_res_blocks=1",
+    "--workdir=run",
+    "--step=-5",
+  )
   assert done.returncode == 2, done.stderr[-3000:]
   errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
   assert errors == ["error: --step must be >= 0, got -5; nothing was written."], done.stderr
@@ -256,8 +306,9 @@ def test_shared_nested_lists_are_walked_once_and_depth_is_bounded(tmp_path):
 def test_total_container_entries_are_bounded(tmp_path, monkeypatch):
   monkeypatch.setattr(torch_pickle, "_MAX_ELEMENTS", 100)
   path = write_zip(tmp_path / "wide.bin", {"data.pkl": dict_pickle(b"(" + b"N" * 101 + b"l")})
-  with pytest.raises(torch_pickle.TorchFileError,
-                     match=rf"^{re.escape(path)}: more than 100 container entries$"):
+  with pytest.raises(
+    torch_pickle.TorchFileError, match=rf"^{re.escape(path)}: more than 100 container entries$"
+  ):
     torch_pickle.load(path)
 
 
@@ -266,28 +317,44 @@ def test_total_container_entries_are_bounded(tmp_path, monkeypatch):
 
 def stride0_file(tmp_path, name: str, side: int) -> str:
   """One float32 element viewed as [side, side] with strides (0, 0): legal in torch."""
-  return write_zip(tmp_path / name, {
-    "data.pkl": tensor_pickle([("w", "0", 1, 0, (side, side), (0, 0))]),
-    "data/0": np.float32(3.5).tobytes(),
-  })
+  return write_zip(
+    tmp_path / name,
+    {
+      "data.pkl": tensor_pickle([("w", "0", 1, 0, (side, side), (0, 0))]),
+      "data/0": np.float32(3.5).tobytes(),
+    },
+  )
 
 
 def test_stride0_views_cannot_allocate_more_than_the_expected_shapes_need(tmp_path):
-  small, big = stride0_file(tmp_path, "1gib.bin", 1 << 14), stride0_file(tmp_path, "64gib.bin",
-                                                                          1 << 17)
+  small, big = (
+    stride0_file(tmp_path, "1gib.bin", 1 << 14),
+    stride0_file(tmp_path, "64gib.bin", 1 << 17),
+  )
   legit = stride0_file(tmp_path, "legit.bin", 3)
   assert os.path.getsize(small) < 600
-  cases = [{"path": small, "reader": "torch"}, {"path": big, "reader": "torch"},
-           {"path": small, "reader": "torch", "expected": {"w": [[4, 4], None]}},
-           {"path": small, "reader": "torch_header"},
-           {"path": legit, "reader": "torch", "expected": {"w": [[3, 3], "float32"]}}]
+  cases = [
+    {"path": small, "reader": "torch"},
+    {"path": big, "reader": "torch"},
+    {"path": small, "reader": "torch", "expected": {"w": [[4, 4], None]}},
+    {"path": small, "reader": "torch_header"},
+    {"path": legit, "reader": "torch", "expected": {"w": [[3, 3], "float32"]}},
+  ]
   run = run_readers(tmp_path, cases, memory=GIB)
   results = run["results"]
-  assert_one_line_error(results[0], small, r"its tensors would take 1073741824 bytes, more than "
-                        r"the \d+ allowed \(pass the expected shapes")
+  assert_one_line_error(
+    results[0],
+    small,
+    r"its tensors would take 1073741824 bytes, more than "
+    r"the \d+ allowed \(pass the expected shapes",
+  )
   assert_one_line_error(results[1], big, r"would take 68719476736 bytes")
-  assert_one_line_error(results[2], small, r"tensor 'w' has shape \(16384, 16384\), expected "
-                        r"\(4, 4\)$")
+  assert_one_line_error(
+    results[2],
+    small,
+    r"tensor 'w' has shape \(16384, 16384\), expected "
+    r"\(4, 4\)$",
+  )
   assert results[3]["value"] == {"w": [[16384, 16384], "float32"]}  # The header alone: no data.
   assert results[4]["value"]["w"][:2] == [[3, 3], "float32"]
   assert results[4]["value"]["w"][2] == zlib.crc32(np.full((3, 3), 3.5, np.float32).tobytes())
@@ -298,8 +365,13 @@ def test_a_memo_index_cannot_claim_gigabytes(tmp_path):
   """The C unpickler sizes its memo array by the largest index named: these 9 bytes took 2 GB."""
   pickled = b"\x80\x02}r\xff\xff\xff\x0f."  # {}, LONG_BINPUT 2**28 - 1.
   path = write_zip(tmp_path / "memo.bin", {"data.pkl": pickled})
-  run = run_readers(tmp_path, [{"path": path, "reader": "torch"},
-                               {"path": path, "reader": "torch", "expected": {"w": [[2], None]}}])
+  run = run_readers(
+    tmp_path,
+    [
+      {"path": path, "reader": "torch"},
+      {"path": path, "reader": "torch", "expected": {"w": [[2], None]}},
+    ],
+  )
   assert run["results"][0]["outcome"] == "ok" and run["results"][0]["value"] == {}
   assert_one_line_error(run["results"][1], path, r"no tensor 'w'$")
   assert run["rss_growth"] < 100 * 1024 and run["seconds"] < 5, run
@@ -313,8 +385,14 @@ def deflate_bomb(tmp_path, name: str, numel: int, size: int, file_size: int) -> 
   crc = crc if file_size == GIB else zlib.crc32(bytes(file_size))
   pickled = tensor_pickle([("w", "0", numel, 0, (size,), (1,))])
   path = tmp_path / name
-  path.write_bytes(raw_zip([("archive/data.pkl", pickled, 0, zlib.crc32(pickled), len(pickled)),
-                            ("archive/data/0", stream, zipfile.ZIP_DEFLATED, crc, file_size)]))
+  path.write_bytes(
+    raw_zip(
+      [
+        ("archive/data.pkl", pickled, 0, zlib.crc32(pickled), len(pickled)),
+        ("archive/data/0", stream, zipfile.ZIP_DEFLATED, crc, file_size),
+      ]
+    )
+  )
   return str(path)
 
 
@@ -323,15 +401,21 @@ def test_deflate_bombs_inflate_no_further_than_the_tensors_need(tmp_path):
   assert os.path.getsize(honest) < 2 << 20
   lying = deflate_bomb(tmp_path, "lying.bin", 100, 100, 400)  # Header: 400 bytes.
   sliced = deflate_bomb(tmp_path, "sliced.bin", 1 << 28, 100, GIB)  # [100] of a 1 GiB storage.
-  cases = [{"path": honest, "reader": "torch"},
-           {"path": honest, "reader": "torch", "expected": {"w": [[100], None]}},
-           {"path": sliced, "reader": "torch"},
-           {"path": lying, "reader": "torch", "expected": {"w": [[100], "float32"]}}]
+  cases = [
+    {"path": honest, "reader": "torch"},
+    {"path": honest, "reader": "torch", "expected": {"w": [[100], None]}},
+    {"path": sliced, "reader": "torch"},
+    {"path": lying, "reader": "torch", "expected": {"w": [[100], "float32"]}},
+  ]
   run = run_readers(tmp_path, cases, memory=GIB)
   results = run["results"]
   assert_one_line_error(results[0], honest, r"would take 1073741824 bytes, more than the")
-  assert_one_line_error(results[1], honest, r"tensor 'w' has shape \(268435456,\), expected "
-                        r"\(100,\)$")
+  assert_one_line_error(
+    results[1],
+    honest,
+    r"tensor 'w' has shape \(268435456,\), expected "
+    r"\(100,\)$",
+  )
   zeros = zlib.crc32(bytes(400))
   assert results[2]["value"] == {"w": [[100], "float32", zeros]}  # 400 bytes inflated, not 1 GiB.
   assert results[3]["value"] == {"w": [[100], "float32", zeros]}
@@ -340,11 +424,15 @@ def test_deflate_bombs_inflate_no_further_than_the_tensors_need(tmp_path):
 
 def test_a_state_dict_is_checked_against_the_config_before_any_tensor_is_read(tmp_path):
   config = tiny_digits_config()
-  shapes = {diffusers_weights.diffusers_key(p, 2): diffusers_weights.torch_shape(p, tuple(s.shape))
-            for p, s in matching.variable_shapes(config).items()}
+  shapes = {
+    diffusers_weights.diffusers_key(p, 2): diffusers_weights.torch_shape(p, tuple(s.shape))
+    for p, s in matching.variable_shapes(config).items()
+  }
   shapes["conv_in.weight"] = (1 << 14, 1 << 14)  # 1 GiB.
-  tensors = [(key, str(i), 1, 0, shape, (0,) * len(shape))  # Each one float, stride 0.
-             for i, (key, shape) in enumerate(shapes.items())]
+  tensors = [
+    (key, str(i), 1, 0, shape, (0,) * len(shape))  # Each one float, stride 0.
+    for i, (key, shape) in enumerate(shapes.items())
+  ]
   members = {"data.pkl": tensor_pickle(tensors)}
   members.update({f"data/{i}": np.float32(1).tobytes() for i in range(len(tensors))})
   path = write_zip(tmp_path / "diffusion_pytorch_model.bin", members)
@@ -393,34 +481,63 @@ def nested_10000(tmp_path):
 
 
 def byteorder_zip(tmp_path):
-  return write_zip(tmp_path / "order.bin", {
-    "data.pkl": tensor_pickle([("w", "0", 2, 0, (2,), (1,))]), "byteorder": b"middle",
-    "data/0": np.ones(2, np.float32).tobytes()})
+  return write_zip(
+    tmp_path / "order.bin",
+    {
+      "data.pkl": tensor_pickle([("w", "0", 2, 0, (2,), (1,))]),
+      "byteorder": b"middle",
+      "data/0": np.ones(2, np.float32).tobytes(),
+    },
+  )
 
 
 ENTRY = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 MALFORMED = {  # name -> (writer, the problem as the message states it).
   "refused global": (evil_zip, r"Refusing to load global (posix|nt)\.system: only state dicts"),
   "CRC error": (crc_zip, r"corrupt zip archive \(Bad CRC-32 for file 'crc/data/0'\)$"),
-  "missing member": (lambda d: write_zip(d / "missing.bin", {
-    "data.pkl": tensor_pickle([("w", "0", 2, 0, (2,), (1,))])}),
-    r"the zip has no member 'archive/data/0'$"),
-  "negative size": (lambda d: write_zip(d / "negative.bin", {
-    "data.pkl": tensor_pickle([("w", "0", 8, 0, (-1, 4), (4, 1))]),
-    "data/0": bytes(32)}), r"tensor 'w': size -1 is not an integer in \[0, 2\*\*62\]$"),
+  "missing member": (
+    lambda d: write_zip(
+      d / "missing.bin", {"data.pkl": tensor_pickle([("w", "0", 2, 0, (2,), (1,))])}
+    ),
+    r"the zip has no member 'archive/data/0'$",
+  ),
+  "negative size": (
+    lambda d: write_zip(
+      d / "negative.bin",
+      {"data.pkl": tensor_pickle([("w", "0", 8, 0, (-1, 4), (4, 1))]), "data/0": bytes(32)},
+    ),
+    r"tensor 'w': size -1 is not an integer in \[0, 2\*\*62\]$",
+  ),
   "truncated legacy": (legacy_truncated, r"truncated: storage '0' ends at byte \d+ of \d+$"),
   "recursion": (nested_10000, r"tensor 'x' is \[\[\[.*\]\]\], not a tensor$"),
-  "unknown byteorder": (byteorder_zip, r"unknown byteorder 'middle' \(expected 'little' or "
-                        r"'big'\)$"),
-  "shape product wraps": (lambda d: write_safetensors(d / "wrap.safetensors", {
-    "w": {"dtype": "F32", "shape": [1 << 32, 1 << 32], "data_offsets": [0, 0]}}),
-    r"not a readable weights file \(SafetensorError: .*overflow computing buffer size"),
-  "float shape": (lambda d: write_safetensors(d / "fshape.safetensors", {
-    "w": {**ENTRY, "shape": [2.0]}}, bytes(8)), r"invalid type: floating point `2\.0`"),
-  "float offsets": (lambda d: write_safetensors(d / "foffsets.safetensors", {
-    "w": {**ENTRY, "data_offsets": [0.0, 8.0]}}, bytes(8)), r"invalid type: floating point"),
-  "overlapping offsets": (lambda d: write_safetensors(d / "overlap.safetensors", {
-    "a": ENTRY, "b": ENTRY}, bytes(8)), r"invalid offset for tensor `[ab]`\)$"),
+  "unknown byteorder": (
+    byteorder_zip,
+    r"unknown byteorder 'middle' \(expected 'little' or "
+    r"'big'\)$",
+  ),
+  "shape product wraps": (
+    lambda d: write_safetensors(
+      d / "wrap.safetensors",
+      {"w": {"dtype": "F32", "shape": [1 << 32, 1 << 32], "data_offsets": [0, 0]}},
+    ),
+    r"not a readable weights file \(SafetensorError: .*overflow computing buffer size",
+  ),
+  "float shape": (
+    lambda d: write_safetensors(
+      d / "fshape.safetensors", {"w": {**ENTRY, "shape": [2.0]}}, bytes(8)
+    ),
+    r"invalid type: floating point `2\.0`",
+  ),
+  "float offsets": (
+    lambda d: write_safetensors(
+      d / "foffsets.safetensors", {"w": {**ENTRY, "data_offsets": [0.0, 8.0]}}, bytes(8)
+    ),
+    r"invalid type: floating point",
+  ),
+  "overlapping offsets": (
+    lambda d: write_safetensors(d / "overlap.safetensors", {"a": ENTRY, "b": ENTRY}, bytes(8)),
+    r"invalid offset for tensor `[ab]`\)$",
+  ),
 }
 
 
@@ -443,23 +560,32 @@ def test_a_malformed_file_ends_in_one_line_naming_it(tmp_path, case):
         torch_pickle.load_state_dict(path, expected)
       assert str(info.value) == message
   if case == "recursion":  # Walking the structure: bounded in depth, not a RecursionError.
-    with pytest.raises(torch_pickle.TorchFileError,
-                       match=rf"^{re.escape(path)}: containers nested deeper than 32 levels$"):
+    with pytest.raises(
+      torch_pickle.TorchFileError,
+      match=rf"^{re.escape(path)}: containers nested deeper than 32 levels$",
+    ):
       torch_pickle.load(path)
   assert not (tmp_path / "pwned").exists()
 
 
-def test_the_command_lines_end_a_malformed_file_in_one_line_with_status_2(tmp_path, monkeypatch,
-                                                                          capsys):
+def test_the_command_lines_end_a_malformed_file_in_one_line_with_status_2(
+  tmp_path, monkeypatch, capsys
+):
   write_safetensors(tmp_path / "bad.safetensors", {"a": ENTRY, "b": ENTRY}, bytes(8))
-  done = run_convert(tmp_path, "--source=diffusers", "--input=bad.safetensors",  # Relative.
-                     f"--config={REPO}/configs/digits.py", "--workdir=run")
+  done = run_convert(
+    tmp_path,
+    "--source=diffusers",
+    "--input=bad.safetensors",  # Relative.
+    f"--config={REPO}/configs/digits.py",
+    "--workdir=run",
+  )
   assert done.returncode == 2, done.stderr[-3000:]
   errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and re.fullmatch(  # Which of the two tensors is named varies.
     rf"error: {re.escape(str(tmp_path))}/bad\.safetensors: not a readable weights file "
     r"\(SafetensorError: Error while deserializing header: invalid offset for tensor `[ab]`\)",
-    errors[0]), done.stderr
+    errors[0],
+  ), done.stderr
   assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
 
   monkeypatch.chdir(tmp_path)
@@ -480,15 +606,19 @@ def test_a_state_dicts_metadata_is_dropped_and_build_refused_elsewhere(tmp_path)
   pickled = tensor_pickle([("w", "0", 2, 0, (2,), (1,))])[:-1]  # Without STOP.
   metadata = b"}" + pickle.BINUNICODE + struct.pack("<I", 9) + b"_metadata}s"
   values = np.array([1.5, -2.0], np.float32).tobytes()
-  path = write_zip(tmp_path / "metadata.bin", {"data.pkl": pickled + metadata + b"b.",
-                                               "data/0": values})
+  path = write_zip(
+    tmp_path / "metadata.bin", {"data.pkl": pickled + metadata + b"b.", "data/0": values}
+  )
   np.testing.assert_array_equal(torch_pickle.load_state_dict(path)["w"], [1.5, -2.0])
   mutate = b"(X\x01\x00\x00\x00wX\x01\x00\x00\x00wtb"  # BUILD ('w', 'w') on a tensor.
   evil = tensor_pickle([("w", "0", 2, 0, (2,), (1,))]).replace(b"tRu.", b"tR" + mutate + b"u.")
   assert mutate in evil
   path = write_zip(tmp_path / "build.bin", {"data.pkl": evil, "data/0": values})
-  with pytest.raises(torch_pickle.TorchFileError, match=rf"^{re.escape(path)}: bad pickle: opcode "
-                     r"BUILD on an object other than an OrderedDict$"):
+  with pytest.raises(
+    torch_pickle.TorchFileError,
+    match=rf"^{re.escape(path)}: bad pickle: opcode "
+    r"BUILD on an object other than an OrderedDict$",
+  ):
     torch_pickle.load_state_dict(path)
 
 
@@ -498,10 +628,10 @@ def test_a_state_dicts_metadata_is_dropped_and_build_refused_elsewhere(tmp_path)
 def tiny_state_dict(config, dtype) -> tuple[dict, dict]:
   """(diffusers state dict of random weights in `dtype`, our params of its values in float32)."""
   rng = np.random.default_rng(1)
-  flat = {p: rng.normal(size=s.shape).astype(dtype)
-          for p, s in matching.variable_shapes(config).items()}
-  params = traverse_util.unflatten_dict({p: v.astype(np.float32) for p, v in flat.items()},
-                                        sep="/")
+  flat = {
+    p: rng.normal(size=s.shape).astype(dtype) for p, s in matching.variable_shapes(config).items()
+  }
+  params = traverse_util.unflatten_dict({p: v.astype(np.float32) for p, v in flat.items()}, sep="/")
   unflat = traverse_util.unflatten_dict(flat, sep="/")
   return diffusers_weights.to_diffusers_state_dict(unflat), params
 
@@ -526,31 +656,53 @@ def test_bfloat16_weights_are_read_and_integer_weights_refused(tmp_path, suffix)
     torch_writer.save_state_dict(path, state_dict)
   else:
     safetensors.numpy.save_file(state_dict, path)
-  with pytest.raises(convert.ConversionError, match=rf"^{re.escape(path)}: tensor "
-                     r"'conv_out\.bias' has dtype int32; U-Net weights are float16, bfloat16, "
-                     r"float32 or float64\.$"):
+  with pytest.raises(
+    convert.ConversionError,
+    match=rf"^{re.escape(path)}: tensor "
+    r"'conv_out\.bias' has dtype int32; U-Net weights are float16, bfloat16, "
+    r"float32 or float64\.$",
+  ):
     convert.load_diffusers_state_dict(path, config)
 
 
 # -- Fuzzing: a few hundred mutants of small valid files. ---------------------------------------
 
 INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFE, 0xFF)
-INTERESTING_INTS = (0, 1, -1, 2, 3, 255, 256, 1 << 14, (1 << 31) - 1, -(1 << 31), 1 << 32,
-                    1 << 62, 1 << 63, -(1 << 63), 10**30)
+INTERESTING_INTS = (
+  0,
+  1,
+  -1,
+  2,
+  3,
+  255,
+  256,
+  1 << 14,
+  (1 << 31) - 1,
+  -(1 << 31),
+  1 << 32,
+  1 << 62,
+  1 << 63,
+  -(1 << 63),
+  10**30,
+)
 
 
 def fuzz_state_dict() -> dict:
   rng = np.random.default_rng(3)
   base = rng.normal(size=(3, 4)).astype(np.float32)
-  return {"conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
-          "conv.bias": rng.normal(size=(4,)).astype(np.float32),
-          "norm.weight": rng.normal(size=(4,)).astype(np.float16),
-          "base": base, "base_t": base.T,  # A view: the zip and legacy files share the storage.
-          "steps": np.array(7, np.int64), "empty": np.zeros((0, 3), np.float32)}
+  return {
+    "conv.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+    "conv.bias": rng.normal(size=(4,)).astype(np.float32),
+    "norm.weight": rng.normal(size=(4,)).astype(np.float16),
+    "base": base,
+    "base_t": base.T,  # A view: the zip and legacy files share the storage.
+    "steps": np.array(7, np.int64),
+    "empty": np.zeros((0, 3), np.float32),
+  }
 
 
 def truncate(data: bytes, rng) -> bytes:
-  return data[:rng.randrange(len(data))]
+  return data[: rng.randrange(len(data))]
 
 
 def flip_bits(data: bytes, rng) -> bytes:
@@ -587,8 +739,9 @@ def edit_ints(data: bytes, rng, start: int = 0) -> bytes:
       ops = list(pickletools.genops(stream))
     except Exception:  # noqa: BLE001 - past the pickles: raw storage bytes.
       break
-    spans += [(pos, ops[i + 1][2]) for i, (op, _, pos) in enumerate(ops[:-1])
-              if op.name in with_ints]
+    spans += [
+      (pos, ops[i + 1][2]) for i, (op, _, pos) in enumerate(ops[:-1]) if op.name in with_ints
+    ]
     if stream.tell() >= len(data):
       break
   out = data
@@ -607,8 +760,9 @@ def mutate_zip(data: bytes, rng) -> bytes:
   if kind == "ints":
     members[pkl] = edit_ints(members[pkl], rng)
   elif kind in ("flip", "overwrite", "truncate"):
-    members[pkl] = {"flip": flip_bits, "overwrite": overwrite_bytes,
-                    "truncate": truncate}[kind](members[pkl], rng)
+    members[pkl] = {"flip": flip_bits, "overwrite": overwrite_bytes, "truncate": truncate}[kind](
+      members[pkl], rng
+    )
   elif kind == "record":
     name = rng.choice([n for n in members if "/data/" in n])
     members[name] = members[name][:-4] if rng.random() < 0.5 else members[name] + bytes(4)
@@ -627,21 +781,43 @@ def mutate_zip(data: bytes, rng) -> bytes:
 def mutate_safetensors_header(data: bytes, rng) -> bytes:
   """The header's JSON edited (shapes, offsets, dtypes, names) or its length prefix lying."""
   (length,) = struct.unpack("<Q", data[:8])
-  header, body = json.loads(data[8:8 + length]), data[8 + length:]
+  header, body = json.loads(data[8 : 8 + length]), data[8 + length :]
   name = rng.choice(sorted(k for k in header if k != "__metadata__"))
   entry, kind = header[name], rng.choice(["shape", "offsets", "dtype", "name", "length"])
   if kind == "shape":
-    entry["shape"] = rng.choice([[1 << 32, 1 << 32], [-1], [1.5], [], [0], [1 << 64], ["a"],
-                                 entry["shape"][::-1], entry["shape"] + [1], [1 << 62, 4]])
+    entry["shape"] = rng.choice(
+      [
+        [1 << 32, 1 << 32],
+        [-1],
+        [1.5],
+        [],
+        [0],
+        [1 << 64],
+        ["a"],
+        entry["shape"][::-1],
+        entry["shape"] + [1],
+        [1 << 62, 4],
+      ]
+    )
   elif kind == "offsets":
     begin, end = entry["data_offsets"]
     other = header[rng.choice(sorted(k for k in header if k != "__metadata__"))]["data_offsets"]
-    entry["data_offsets"] = rng.choice([[0, 0], [begin, end + 1], [end, begin], list(other),
-                                        [1 << 63, (1 << 63) + 4], [begin, 1 << 40], [-8, end],
-                                        [float(begin), end]])
+    entry["data_offsets"] = rng.choice(
+      [
+        [0, 0],
+        [begin, end + 1],
+        [end, begin],
+        list(other),
+        [1 << 63, (1 << 63) + 4],
+        [begin, 1 << 40],
+        [-8, end],
+        [float(begin), end],
+      ]
+    )
   elif kind == "dtype":
-    entry["dtype"] = rng.choice(["F16", "BF16", "F64", "I64", "U8", "BOOL", "C64", "F8_E4M3",
-                                 "X32", 3])
+    entry["dtype"] = rng.choice(
+      ["F16", "BF16", "F64", "I64", "U8", "BOOL", "C64", "F8_E4M3", "X32", 3]
+    )
   elif kind == "name":
     header[name + "\n"] = header.pop(name)
   raw = json.dumps(header).encode()
@@ -656,8 +832,11 @@ def mutants(files: dict, seed: int, per_file: int) -> list[tuple[str, str, bytes
   """[(base file kind, mutation, bytes)]: `per_file` of each base file, the same for a seed."""
   rng = random.Random(seed)
   generic = {"truncate": truncate, "flip": flip_bits, "overwrite": overwrite_bytes}
-  specific = {"zip": mutate_zip, "safetensors": mutate_safetensors_header,
-              "legacy": lambda data, r: edit_ints(data, r)}
+  specific = {
+    "zip": mutate_zip,
+    "safetensors": mutate_safetensors_header,
+    "legacy": lambda data, r: edit_ints(data, r),
+  }
   out = []
   for kind, data in files.items():
     for i in range(per_file):
@@ -669,8 +848,11 @@ def mutants(files: dict, seed: int, per_file: int) -> list[tuple[str, str, bytes
 
 def test_fuzzed_weight_files_load_correctly_or_end_in_one_line(tmp_path):
   state_dict = fuzz_state_dict()
-  bases = {"zip": tmp_path / "base_zip.bin", "legacy": tmp_path / "base_legacy.bin",
-           "safetensors": tmp_path / "base.safetensors"}
+  bases = {
+    "zip": tmp_path / "base_zip.bin",
+    "legacy": tmp_path / "base_legacy.bin",
+    "safetensors": tmp_path / "base.safetensors",
+  }
   torch_writer.save_state_dict(bases["zip"], state_dict)
   torch_writer.save_state_dict(bases["legacy"], state_dict, legacy_format=True)
   plain = {k: np.array(v, order="C") for k, v in state_dict.items()}  # 0-d stays 0-d.
@@ -678,10 +860,16 @@ def test_fuzzed_weight_files_load_correctly_or_end_in_one_line(tmp_path):
   safetensors.numpy.save_file(plain, str(bases["safetensors"]))
   shapes = {k: list(v.shape) for k, v in plain.items()}
   expected = {  # What each reader is asked for: every tensor, names and shapes (and dtypes).
-    "torch": {k: [list(v.shape), str(v.dtype)] for k, v in state_dict.items()}, "torch_all": None,
-    "weights": {k: shapes[k] for k in state_dict}, "weights_header": None}
-  readers = {"zip": ["torch", "torch_all", "weights"], "legacy": ["torch", "torch_all"],
-             "safetensors": ["weights", "weights_header"]}
+    "torch": {k: [list(v.shape), str(v.dtype)] for k, v in state_dict.items()},
+    "torch_all": None,
+    "weights": {k: shapes[k] for k in state_dict},
+    "weights_header": None,
+  }
+  readers = {
+    "zip": ["torch", "torch_all", "weights"],
+    "legacy": ["torch", "torch_all"],
+    "safetensors": ["weights", "weights_header"],
+  }
 
   cases, kinds = [], []
   files = {kind: path.read_bytes() for kind, path in bases.items()}
@@ -691,14 +879,17 @@ def test_fuzzed_weight_files_load_correctly_or_end_in_one_line(tmp_path):
     path.write_bytes(data)
     for reader in readers[kind]:
       want = shapes if (kind, reader) == ("safetensors", "weights") else expected[reader]
-      cases.append({"path": str(path), "reader": reader.replace("torch_all", "torch"),
-                    "expected": want})
+      cases.append(
+        {"path": str(path), "reader": reader.replace("torch_all", "torch"), "expected": want}
+      )
       kinds.append((kind, how, reader))
   assert len({c["path"] for c in cases}) == 303
 
   run = run_readers(tmp_path, cases, memory=GIB, timeout=180)
-  originals = {k: [list(v.shape), str(v.dtype), zlib.crc32(np.ascontiguousarray(v).tobytes())]
-               for k, v in plain.items()}
+  originals = {
+    k: [list(v.shape), str(v.dtype), zlib.crc32(np.ascontiguousarray(v).tobytes())]
+    for k, v in plain.items()
+  }
   names = {"zip": sorted(state_dict), "legacy": sorted(state_dict), "safetensors": sorted(plain)}
   errors = {"zip": [], "legacy": [], "safetensors": []}
   loaded = 0
@@ -709,21 +900,26 @@ def test_fuzzed_weight_files_load_correctly_or_end_in_one_line(tmp_path):
       message = result["message"]
       assert "\n" not in message and message.startswith(case["path"] + ": "), (case, message)
       assert "out of memory" not in message, (case, message)
-      errors[kind].append(message[len(case["path"]) + 2:])
+      errors[kind].append(message[len(case["path"]) + 2 :])
       continue
     value = result["value"]
     if how == "control":  # The unmutated files: every tensor, exactly.
-      want = {k: originals[k][:2] for k in names[kind]} if reader == "weights_header" else {
-        k: originals[k] for k in names[kind]}
+      want = (
+        {k: originals[k][:2] for k in names[kind]}
+        if reader == "weights_header"
+        else {k: originals[k] for k in names[kind]}
+      )
       assert value == want, (case, value)
       continue
     loaded += 1
     if case["expected"] is not None:  # A load succeeds only with the names, shapes (dtypes) asked.
       assert {k: v[0] for k, v in value.items()} == {
-        k: s[0] if reader == "torch" else s for k, s in case["expected"].items()}, case
+        k: s[0] if reader == "torch" else s for k, s in case["expected"].items()
+      }, case
       if reader == "torch":
-        assert {k: v[1] for k, v in value.items()} == {k: s[1] for k, s in
-                                                       case["expected"].items()}, case
+        assert {k: v[1] for k, v in value.items()} == {
+          k: s[1] for k, s in case["expected"].items()
+        }, case
   for kind, messages in errors.items():  # Most mutants are caught, by many different checks.
     assert len(messages) > 0.3 * sum(k == kind for k, _, _ in kinds), (kind, len(messages))
     assert len(set(messages)) > 20, (kind, sorted(set(messages)))

@@ -74,8 +74,11 @@ def test_torch_pickle_refuses_other_globals(tmp_path):
   with zipfile.ZipFile(buffer, "w") as archive:
     archive.writestr("evil/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
   (tmp_path / "evil.pth").write_bytes(buffer.getvalue())
-  with pytest.raises(torch_pickle.TorchFileError, match=r"evil\.pth: .*Refusing to load global "
-                     r"(posix|nt)\.system: only state dicts of tensors"):
+  with pytest.raises(
+    torch_pickle.TorchFileError,
+    match=r"evil\.pth: .*Refusing to load global "
+    r"(posix|nt)\.system: only state dicts of tensors",
+  ):
     torch_pickle.load(tmp_path / "evil.pth")
   (tmp_path / "junk.pth").write_bytes(b"not a torch file at all")
   with pytest.raises(torch_pickle.TorchFileError, match=r"junk\.pth: not a PyTorch zip or legacy"):
@@ -105,5 +108,3 @@ def test_torch_reads_our_files_and_we_read_torchs(tmp_path):
     ours = torch_pickle.load_state_dict(path)
     for key, value in theirs.items():
       np.testing.assert_array_equal(ours[key], value.numpy())
-
-

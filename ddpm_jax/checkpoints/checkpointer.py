@@ -57,8 +57,13 @@ _CHECKSUMS_KEY = "ddpm_jax_checksums"
 _CHECKSUM_ALGORITHM = "sum of fmix32(word ^ position * 0x9E3779B9) mod 2**32, per leaf"
 # TensorStore status codes of missing, truncated or undecodable files (transient ones such as
 # UNAVAILABLE or DEADLINE_EXCEEDED are not corruption: those errors propagate unchanged).
-_CORRUPTION_CODES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "FAILED_PRECONDITION",
-                     "INVALID_ARGUMENT")
+_CORRUPTION_CODES = (
+  "NOT_FOUND",
+  "OUT_OF_RANGE",
+  "DATA_LOSS",
+  "FAILED_PRECONDITION",
+  "INVALID_ARGUMENT",
+)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -210,20 +215,21 @@ def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...] | None]:
   """Leaf name -> shape."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {
-    _path_name(path): (
-      tuple(leaf.shape) if getattr(leaf, "shape", None) is not None else None)
+    _path_name(path): (tuple(leaf.shape) if getattr(leaf, "shape", None) is not None else None)
     for path, leaf in flat
   }
 
 
-def _save_decision_policy(every_steps: int, every_secs: float
-                          ) -> ocp.checkpoint_managers.SaveDecisionPolicy:
+def _save_decision_policy(
+  every_steps: int, every_secs: float
+) -> ocp.checkpoint_managers.SaveDecisionPolicy:
   policies = []
   if every_steps:
     policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(every_steps))
   if every_secs:
-    policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
-      minimum_interval_secs=every_secs))
+    policies.append(
+      ocp.checkpoint_managers.ContinuousCheckpointingPolicy(minimum_interval_secs=every_secs)
+    )
   return ocp.checkpoint_managers.AnySavePolicy(policies)
 
 
@@ -242,7 +248,8 @@ def _compatibility_problems(saved: PyTree, expected: PyTree, partial: bool = Fal
   mis_shaped = sorted(
     f"{k}: checkpoint {saved_shapes[k]}, expected {expected_shapes[k]}"
     for k in expected_shapes.keys() & saved_shapes.keys()
-    if saved_shapes[k] != expected_shapes[k])
+    if saved_shapes[k] != expected_shapes[k]
+  )
   problems = []
   if missing:
     problems.append(_listing("missing from the checkpoint", missing))
@@ -273,8 +280,10 @@ def _reason(error: BaseException) -> str:
 def _is_corruption(error: BaseException) -> bool:
   """Whether `error` (from reading a checkpoint) says its files are missing or damaged."""
   root = _root_cause(error)
-  if isinstance(root, (FileNotFoundError, NotADirectoryError, EOFError, UnicodeDecodeError,
-                       json.JSONDecodeError)):
+  if isinstance(
+    root,
+    (FileNotFoundError, NotADirectoryError, EOFError, UnicodeDecodeError, json.JSONDecodeError),
+  ):
     return True
   return str(root).startswith(_CORRUPTION_CODES)
 
@@ -314,15 +323,15 @@ class Checkpointer:
   """
 
   def __init__(
-      self,
-      directory: str | os.PathLike[str],
-      *,
-      keep: int,
-      every_steps: int,
-      every_secs: float = 0.0,
-      default_sharding: jax.sharding.Sharding | None = None,
-      async_save: bool = True,
-      read_only: bool = False,
+    self,
+    directory: str | os.PathLike[str],
+    *,
+    keep: int,
+    every_steps: int,
+    every_secs: float = 0.0,
+    default_sharding: jax.sharding.Sharding | None = None,
+    async_save: bool = True,
+    read_only: bool = False,
   ):
     if keep < 1:
       raise ValueError(f"keep must be at least 1, got {keep}")
@@ -346,10 +355,12 @@ class Checkpointer:
     # An explicit registry lets a fresh manager read metadata before its first save or restore;
     # PyTreeRestore reads a part of a saved state (`restore_part`).
     registry = ocp.handlers.create_default_handler_registry(
-      default=ocp.handlers.StandardCheckpointHandler())
+      default=ocp.handlers.StandardCheckpointHandler()
+    )
     registry.add("default", ocp.args.PyTreeRestore, ocp.handlers.PyTreeCheckpointHandler())
     self._manager = ocp.CheckpointManager(
-      file_io.absolute(directory), options=options, handler_registry=registry)
+      file_io.absolute(directory), options=options, handler_registry=registry
+    )
 
   @property
   def directory(self) -> str:
@@ -403,12 +414,17 @@ class Checkpointer:
       raise NonFiniteStateError(
         f"Refusing to save step {step}: the train state contains NaN or Inf values. The "
         f"checkpoints in {self.directory} were left untouched; restart from the latest one, "
-        "e.g. with a lower learning rate.")
+        "e.g. with a lower learning rate."
+      )
     self._raise_if_a_save_failed(wait=True)  # Orbax would wait for the previous save anyway.
     record = {"algorithm": _CHECKSUM_ALGORITHM, "leaves": leaf_checksums}
     try:
-      self._manager.save(step, args=ocp.args.StandardSave(state), force=True,
-                         custom_metadata={_CHECKSUMS_KEY: record})
+      self._manager.save(
+        step,
+        args=ocp.args.StandardSave(state),
+        force=True,
+        custom_metadata={_CHECKSUMS_KEY: record},
+      )
     except Exception as e:
       self._save_failed(step, e)
     self._in_flight = step
@@ -448,7 +464,8 @@ class Checkpointer:
   def _restore(self, step: int, abstract: PyTree, *, partial: bool) -> PyTree:
     if step not in self._manager.all_steps():
       raise FileNotFoundError(
-        f"No checkpoint for step {step} in {self.directory}; available: {self.all_steps()}.")
+        f"No checkpoint for step {step} in {self.directory}; available: {self.all_steps()}."
+      )
     target = _with_sharding(abstract, self._default_sharding)
     record, state = self._agreed(step, lambda: self._read(step, target, partial))
     self._agreed(step, lambda: self._verify(step, state, record))
@@ -533,13 +550,17 @@ class Checkpointer:
       latest = self.latest_step()
     except Exception:  # The directory itself may be unreadable.
       latest = None
-    kept = ("there is no complete checkpoint there yet" if latest is None else
-            f"the latest complete checkpoint there is step {latest}")
+    kept = (
+      "there is no complete checkpoint there yet"
+      if latest is None
+      else f"the latest complete checkpoint there is step {latest}"
+    )
     self._save_error = CheckpointSaveError(
       f"Saving step {step} to {self.directory} failed: {_reason(error)}. Stopping rather than "
       f"going on without checkpoints: {kept} (the failed save left only a temporary directory, "
       "which is never restored and is removed by the next run). Fix the cause (disk space, "
-      "permissions, the path) and rerun the same command to resume.")
+      "permissions, the path) and rerun the same command to resume."
+    )
     raise self._save_error from error
 
   # -- Reading and verifying. -------------------------------------------------------------------
@@ -550,7 +571,9 @@ class Checkpointer:
   def _corrupt(self, step: int, reason: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
       f"The checkpoint of step {step} ({self._step_path(step)}) is corrupt: {reason}.",
-      step=step, reason=reason)
+      step=step,
+      reason=reason,
+    )
 
   def _agreed(self, step: int, fn: Callable[[], T]) -> T:
     """`fn()`; with several processes, all raise when it raised on any, so all take one path."""
@@ -564,7 +587,8 @@ class Checkpointer:
         error = self._corrupt(step, "it failed to restore on another process (see its log)")
       elif error is None and worst == 2:
         error = RuntimeError(
-          f"Restoring step {step} from {self.directory} failed on another process; see its log.")
+          f"Restoring step {step} from {self.directory} failed on another process; see its log."
+        )
     if error is not None:
       raise error
     return result  # type: ignore[return-value]
@@ -576,8 +600,10 @@ class Checkpointer:
     self._check_compatible(step, target, partial)
     if partial:
       args = ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      )
     else:
       args = ocp.args.StandardRestore(target)
     try:
@@ -605,21 +631,29 @@ class Checkpointer:
     """Raises CorruptCheckpointError when a restored leaf differs from its recorded checksum."""
     if record is None or record.get("algorithm") != _CHECKSUM_ALGORITHM:
       if not self._told_unverified:
-        logging.warning("The checkpoint of step %d in %s has no checksums (written before they "
-                        "were recorded); restored without verifying its values.",
-                        step, self.directory)
+        logging.warning(
+          "The checkpoint of step %d in %s has no checksums (written before they "
+          "were recorded); restored without verifying its values.",
+          step,
+          self.directory,
+        )
         self._told_unverified = True
       return
     saved = record.get("leaves", {})
     _, restored = _summaries(state)
     # A leaf restored to another dtype than it was saved with cannot be compared.
-    bad = sorted(name for name, (dtype, value) in restored.items()
-                 if name in saved and saved[name][0] == dtype and saved[name][1] != value)
+    bad = sorted(
+      name
+      for name, (dtype, value) in restored.items()
+      if name in saved and saved[name][0] == dtype and saved[name][1] != value
+    )
     if bad:
       shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
       raise self._corrupt(
-        step, f"the values of {len(bad)} of its {len(restored)} arrays differ from the checksums "
-        f"recorded when it was saved ({shown})")
+        step,
+        f"the values of {len(bad)} of its {len(restored)} arrays differ from the checksums "
+        f"recorded when it was saved ({shown})",
+      )
 
   def _check_compatible(self, step: int, target: PyTree, partial: bool = False) -> None:
     """Raises IncompatibleCheckpointError unless the saved tree matches `target` (reads only);
@@ -637,9 +671,11 @@ class Checkpointer:
     if problems:
       raise IncompatibleCheckpointError(
         f"The checkpoint in {self._step_path(step)} does not match the train state of the current "
-        "config (it was probably written with another model config):\n" + "\n".join(problems) +
-        "\nNothing was changed on disk. To train this config from scratch, use a fresh "
-        "--workdir; to resume this run, use the config it was started with.")
+        "config (it was probably written with another model config):\n"
+        + "\n".join(problems)
+        + "\nNothing was changed on disk. To train this config from scratch, use a fresh "
+        "--workdir; to resume this run, use the config it was started with."
+      )
 
   # -- Setting corrupt checkpoints aside. -------------------------------------------------------
 
@@ -656,12 +692,22 @@ class Checkpointer:
     steps = ", ".join(str(e.step) for e in corrupt)
     reasons = "; ".join(f"step {e.step}: {e.reason}" for e in corrupt)
     first = 0 if resumed is None else resumed
-    restart = ("No intact checkpoint is left, so this run starts from scratch" if resumed is None
-               else f"Resuming from step {resumed}, the newest intact one")
+    restart = (
+      "No intact checkpoint is left, so this run starts from scratch"
+      if resumed is None
+      else f"Resuming from step {resumed}, the newest intact one"
+    )
     logging.warning(
       "Corrupt checkpoint%s %s in %s (%s); moved to %s (not deleted). %s: %s will be trained "
-      "again.", "s" if len(corrupt) > 1 else "", steps, self.directory, reasons,
-      ", ".join(moved), restart, _lost_steps(first + 1, corrupt[0].step))
+      "again.",
+      "s" if len(corrupt) > 1 else "",
+      steps,
+      self.directory,
+      reasons,
+      ", ".join(moved),
+      restart,
+      _lost_steps(first + 1, corrupt[0].step),
+    )
 
   def _move_aside(self, step: int) -> str:
     """Renames the step directory to `<corrupt_directory>/<step>` (or `<step>_2`, ... if taken)."""

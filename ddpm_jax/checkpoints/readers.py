@@ -25,12 +25,15 @@ def open_checkpoints(workdir: str) -> checkpointing.Checkpointer:
   """A read-only Checkpointer of the run; NoCheckpointError (creating nothing) if it is empty."""
   workdir = file_io.absolute(workdir)
   directory = os.path.join(workdir, "checkpoints")
-  advice = (f"Train first (--mode=train with the same --config and --workdir={workdir}), or point "
-            "--workdir at a run that has checkpoints.")
+  advice = (
+    f"Train first (--mode=train with the same --config and --workdir={workdir}), or point "
+    "--workdir at a run that has checkpoints."
+  )
   if not file_io.isdir(directory):
     raise NoCheckpointError(f"No checkpoint to load: {directory} does not exist. {advice}")
-  ckpt = checkpointing.Checkpointer(directory, keep=1, every_steps=0, async_save=False,
-                                    read_only=True)
+  ckpt = checkpointing.Checkpointer(
+    directory, keep=1, every_steps=0, async_save=False, read_only=True
+  )
   if not ckpt.all_steps():
     ckpt.close()
     raise NoCheckpointError(f"No checkpoint to load in {directory}. {advice}")
@@ -44,8 +47,9 @@ def select_step(ckpt: checkpointing.Checkpointer, requested: int | None) -> int:
     return steps[-1]
   if requested not in steps:
     raise NoCheckpointError(
-        f"No checkpoint of step {requested} in {ckpt.directory}; available steps: {steps}. Set "
-        "--config.sample.checkpoint_step to one of them, or to -1 for the latest.")
+      f"No checkpoint of step {requested} in {ckpt.directory}; available steps: {steps}. Set "
+      "--config.sample.checkpoint_step to one of them, or to -1 for the latest."
+    )
   return requested
 
 
@@ -59,25 +63,31 @@ def restore_ema_params(ckpt: checkpointing.Checkpointer, abstract_params: Any, s
     return ckpt.restore_part({"ema_params": abstract_params}, step)["ema_params"]
   except CorruptCheckpointError as e:
     raise CorruptCheckpointError(
-        f"{e} {_other_steps_advice(ckpt, e.step)}", step=e.step, reason=e.reason) from e
+      f"{e} {_other_steps_advice(ckpt, e.step)}", step=e.step, reason=e.reason
+    ) from e
 
 
 def _other_steps_advice(ckpt: checkpointing.Checkpointer, bad_step: int) -> str:
   """What to do instead of reading the corrupt checkpoint `bad_step`, in one line."""
   others = [s for s in ckpt.all_steps() if s != bad_step]
-  retrain = ("rerunning the training (--mode=train) moves it aside, unchanged, and resumes from "
-             "the newest intact step")
+  retrain = (
+    "rerunning the training (--mode=train) moves it aside, unchanged, and resumes from "
+    "the newest intact step"
+  )
   if not others:
-    return (f"Nothing was changed on disk. It is the only checkpoint in {ckpt.directory}; "
-            f"{retrain} (here: from scratch).")
+    return (
+      f"Nothing was changed on disk. It is the only checkpoint in {ckpt.directory}; "
+      f"{retrain} (here: from scratch)."
+    )
   older = [s for s in others if s < bad_step]
   choice = f"={older[-1]} (the newest older one)" if older else " to one of them"
-  return (f"Nothing was changed on disk. Other steps available in {ckpt.directory}: {others}; "
-          f"set --config.sample.checkpoint_step{choice}, or {retrain}.")
+  return (
+    f"Nothing was changed on disk. Other steps available in {ckpt.directory}: {others}; "
+    f"set --config.sample.checkpoint_step{choice}, or {retrain}."
+  )
 
 
-def load_ema_params(workdir: str, abstract_params: Any, step: int | None = None
-                    ) -> tuple[Any, int]:
+def load_ema_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
   """(EMA params, step) of checkpoint `step` (None or negative: the latest) in
   `<workdir>/checkpoints`, laid out as `abstract_params`."""
   with open_checkpoints(workdir) as ckpt:

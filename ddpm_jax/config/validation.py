@@ -52,8 +52,11 @@ def _check_non_negative(config, field: str, integer: bool = True) -> None:
 
 
 def validate_config(
-    config: ml_collections.ConfigDict, *, mode: str = "train", device_count: int = 1,
-    process_count: int = 1,
+  config: ml_collections.ConfigDict,
+  *,
+  mode: str = "train",
+  device_count: int = 1,
+  process_count: int = 1,
 ) -> None:
   """Raises `ConfigError` for the first field that `mode` ('train', 'sample', 'eval',
   'figures') cannot run with; training also needs its batch to divide over `device_count`
@@ -85,11 +88,21 @@ def _check_model_and_data(config) -> None:
 
 
 def _check_training(config, device_count: int, process_count: int) -> None:
-  for field in ("training.batch_size", "training.num_train_steps", "training.steps_per_call",
-                "training.log_every", "training.keep_checkpoints"):
+  for field in (
+    "training.batch_size",
+    "training.num_train_steps",
+    "training.steps_per_call",
+    "training.log_every",
+    "training.keep_checkpoints",
+  ):
     _check_positive(config, field)
-  for field in ("training.checkpoint_every_steps", "training.sample_every",
-                "training.num_sample_images", "training.fid_num_samples", "optim.warmup_steps"):
+  for field in (
+    "training.checkpoint_every_steps",
+    "training.sample_every",
+    "training.num_sample_images",
+    "training.fid_num_samples",
+    "optim.warmup_steps",
+  ):
     _check_non_negative(config, field)
   for field in ("training.checkpoint_every_secs", "optim.grad_clip"):
     _check_non_negative(config, field, integer=False)
@@ -105,13 +118,19 @@ def check_sampling(config) -> None:
   _check_choice(config, "sample.sampler", SAMPLERS)
   sample, num_timesteps = config.sample, config.diffusion.num_timesteps
   if sample.sampler == "ddim" and sample.num_steps > num_timesteps:
-    _fail("sample.num_steps", sample.num_steps,
-          f"DDIM uses at most the T={num_timesteps} steps of the diffusion")
+    _fail(
+      "sample.num_steps",
+      sample.num_steps,
+      f"DDIM uses at most the T={num_timesteps} steps of the diffusion",
+    )
   if not sample.eta >= 0:
     _fail("sample.eta", sample.eta, "it must be >= 0")
   if isinstance(sample.checkpoint_step, bool) or not isinstance(sample.checkpoint_step, int):
-    _fail("sample.checkpoint_step", sample.checkpoint_step,
-          "it must be an integer (a step, or -1 for the latest)")
+    _fail(
+      "sample.checkpoint_step",
+      sample.checkpoint_step,
+      "it must be an integer (a step, or -1 for the latest)",
+    )
 
 
 def _check_eval(config) -> None:
@@ -131,16 +150,25 @@ def _check_diffusion(config) -> None:
 def _check_batch(config, device_count: int, process_count: int) -> None:
   batch = config.training.batch_size
   if batch % device_count:
-    _fail("training.batch_size", batch,
-          f"the global batch must divide evenly over the {device_count} devices")
+    _fail(
+      "training.batch_size",
+      batch,
+      f"the global batch must divide evenly over the {device_count} devices",
+    )
   if batch % process_count:
-    _fail("training.batch_size", batch,
-          f"the global batch must divide evenly over the {process_count} processes")
+    _fail(
+      "training.batch_size",
+      batch,
+      f"the global batch must divide evenly over the {process_count} processes",
+    )
   shards = config.data.num_shards
   if shards < 0 or (shards and (shards % process_count or batch % shards)):
-    _fail("data.num_shards", shards,
-          f"it must be 0 (one per process) or a multiple of the {process_count} processes that "
-          f"divides training.batch_size={batch}")
+    _fail(
+      "data.num_shards",
+      shards,
+      f"it must be 0 (one per process) or a multiple of the {process_count} processes that "
+      f"divides training.batch_size={batch}",
+    )
 
 
 def _check_model(config) -> None:
@@ -150,19 +178,28 @@ def _check_model(config) -> None:
     _fail("model.ch_mult", model.ch_mult, "it needs at least one level")
   factor = 2 ** (levels - 1)
   if not isinstance(size, int) or size < factor or size % factor:
-    _fail("data.image_size", size,
-          f"the U-Net with {levels} levels (model.ch_mult={tuple(model.ch_mult)}) halves it "
-          f"{levels - 1} times, so it must be a positive multiple of {factor}")
+    _fail(
+      "data.image_size",
+      size,
+      f"the U-Net with {levels} levels (model.ch_mult={tuple(model.ch_mult)}) halves it "
+      f"{levels - 1} times, so it must be a positive multiple of {factor}",
+    )
   for mult in model.ch_mult:
     if (model.ch * mult) % 32:
-      _fail("model.ch", model.ch,
-            f"GroupNorm uses 32 groups, so model.ch * each of model.ch_mult "
-            f"{tuple(model.ch_mult)} must be a multiple of 32")
+      _fail(
+        "model.ch",
+        model.ch,
+        f"GroupNorm uses 32 groups, so model.ch * each of model.ch_mult "
+        f"{tuple(model.ch_mult)} must be a multiple of 32",
+      )
   resolutions = {size // 2**i for i in range(levels)}
   for res in model.attn_resolutions:
     if res not in resolutions:
-      _fail("model.attn_resolutions", tuple(model.attn_resolutions),
-            f"each must be one of the U-Net's resolutions {sorted(resolutions)}")
+      _fail(
+        "model.attn_resolutions",
+        tuple(model.attn_resolutions),
+        f"each must be one of the U-Net's resolutions {sorted(resolutions)}",
+      )
   if not 0.0 <= model.dropout < 1.0:
     _fail("model.dropout", model.dropout, "it must be in [0, 1)")
 
@@ -177,8 +214,11 @@ def _check_optimizer(config) -> None:
   if not optim.eps > 0:
     _fail("optim.eps", optim.eps, "it must be > 0")
   if config.training.sample_every and config.training.num_sample_images < 1:
-    _fail("training.num_sample_images", config.training.num_sample_images,
-          "it must be >= 1 when training.sample_every is set")
+    _fail(
+      "training.num_sample_images",
+      config.training.num_sample_images,
+      "it must be >= 1 when training.sample_every is set",
+    )
 
 
 def _check_step_multiples(config) -> None:
@@ -186,5 +226,8 @@ def _check_step_multiples(config) -> None:
   for field in ("log_every", "checkpoint_every_steps", "sample_every"):
     value = config.training[field]
     if value > 0 and value % k:
-      _fail(f"training.{field}", value,
-            f"it must be a multiple of training.steps_per_call={k} (0 disables it)")
+      _fail(
+        f"training.{field}",
+        value,
+        f"it must be a multiple of training.steps_per_call={k} (0 disables it)",
+      )

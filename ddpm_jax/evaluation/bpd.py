@@ -71,11 +71,11 @@ def eval_dir(workdir: str, step: int) -> str:
 
 
 def make_bpd_fn(
-    diffusion: GaussianDiffusion,
-    model: Any,
-    mesh: Mesh,
-    rng: jax.Array,
-    clip_denoised: bool = True,
+  diffusion: GaussianDiffusion,
+  model: Any,
+  mesh: Mesh,
+  rng: jax.Array,
+  clip_denoised: bool = True,
 ) -> Callable[..., dict[str, np.ndarray]]:
   """Returns `bpd(params, images, index, mask) -> dict` over every device and process.
 
@@ -93,14 +93,18 @@ def make_bpd_fn(
     out = diffusion.calc_bpd_loop(model_fn, images, keys, clip_denoised)
     return dict(out, index=index, mask=mask)
 
-  mapped = jax.jit(jax.shard_map(
-      per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P(AXIS)),
-      compiler_options=xla_flags.inference_compiler_options(parallel.platform(mesh)))
+  mapped = jax.jit(
+    jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), out_specs=P(AXIS)
+    ),
+    compiler_options=xla_flags.inference_compiler_options(parallel.platform(mesh)),
+  )
   sharding = parallel.batch_sharding(mesh)
 
   def bpd(params, images, index, mask):
-    inputs = [jax.make_array_from_process_local_data(sharding, np.asarray(x))
-              for x in (images, index, mask)]
+    inputs = [
+      jax.make_array_from_process_local_data(sharding, np.asarray(x)) for x in (images, index, mask)
+    ]
     out = mapped(params, *inputs)
     return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(out, tiled=True).items()}
 
@@ -121,11 +125,11 @@ def _num_eval_examples(config: ml_collections.ConfigDict) -> int:
 
 
 def global_example_index(
-    config: ml_collections.ConfigDict,
-    local_index: np.ndarray,
-    *,
-    process_index: int,
-    process_count: int,
+  config: ml_collections.ConfigDict,
+  local_index: np.ndarray,
+  *,
+  process_index: int,
+  process_count: int,
 ) -> np.ndarray:
   """Positions in the eval split `[n]` of this process's examples `local_index` `[n]`.
 
@@ -167,10 +171,18 @@ def _chunk_layout(config: ml_collections.ConfigDict, batch: int) -> dict[str, An
   """What determines the contents of chunk k; chunks of another layout are recomputed."""
   data = config.data
   return dict(
-      dataset=data.dataset, source=data.source, data_dir=data.data_dir, split=data.eval_split,
-      image_size=data.image_size, num_examples=config.eval.num_examples,
-      batch_per_process=batch, process_count=jax.process_count(),
-      diffusion=config.diffusion.to_dict(), seed=SEED, clip_denoised=True)
+    dataset=data.dataset,
+    source=data.source,
+    data_dir=data.data_dir,
+    split=data.eval_split,
+    image_size=data.image_size,
+    num_examples=config.eval.num_examples,
+    batch_per_process=batch,
+    process_count=jax.process_count(),
+    diffusion=config.diffusion.to_dict(),
+    seed=SEED,
+    clip_denoised=True,
+  )
 
 
 def _reset_stale_chunks(chunk_dir: str, layout: dict[str, Any]) -> None:
@@ -179,15 +191,16 @@ def _reset_stale_chunks(chunk_dir: str, layout: dict[str, Any]) -> None:
   if file_io.exists(meta_path):
     if json.loads(file_io.read_text(meta_path)) == layout:
       return
-    logging.warning("The chunks in %s were computed with another layout; recomputing them.",
-                    chunk_dir)
+    logging.warning(
+      "The chunks in %s were computed with another layout; recomputing them.", chunk_dir
+    )
   for path in file_io.glob(chunk_dir, "chunk_*.npz"):
     file_io.remove(path)
   file_io.write_atomically(meta_path, json.dumps(layout, indent=2).encode())
 
 
 def compute_chunks(
-    config: ml_collections.ConfigDict, bundle: ModelBundle, params: Any, chunk_dir: str
+  config: ml_collections.ConfigDict, bundle: ModelBundle, params: Any, chunk_dir: str
 ) -> int:
   """Computes the chunks missing from `chunk_dir` (call on every process); returns their count."""
   batch = local_batch_size(config.eval.batch_size)
@@ -195,8 +208,12 @@ def compute_chunks(
     _reset_stale_chunks(chunk_dir, _chunk_layout(config, batch))
   bpd_fn = make_bpd_fn(bundle.diffusion, bundle.model, bundle.mesh, jax.random.PRNGKey(SEED))
   data = pipeline.create_eval_dataset(
-      config, process_index=jax.process_index(), process_count=jax.process_count(),
-      batch_size_per_process=batch, num_examples=config.eval.num_examples)
+    config,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    batch_size_per_process=batch,
+    num_examples=config.eval.num_examples,
+  )
   num_chunks = 0
   for k, (images, mask) in enumerate(data):
     num_chunks = k + 1
@@ -204,16 +221,23 @@ def compute_chunks(
     if _agree(file_io.exists(path)):
       continue
     start = time.time()
-    index = global_example_index(config, k * batch + np.arange(batch),
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+    index = global_example_index(
+      config,
+      k * batch + np.arange(batch),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     out = bpd_fn(params, images, np.where(mask, index, 0).astype(np.int32), mask)
     if jax.process_index() == 0:
       _write_chunk(path, out)
     real = out["mask"].astype(bool)
-    logging.info("bpd chunk %d: mean %.4f bits/dim over %d images (%.1fs)", k,
-                 out["total_bpd"][real].mean() if real.any() else math.nan, real.sum(),
-                 time.time() - start)
+    logging.info(
+      "bpd chunk %d: mean %.4f bits/dim over %d images (%.1fs)",
+      k,
+      out["total_bpd"][real].mean() if real.any() else math.nan,
+      real.sum(),
+      time.time() - start,
+    )
   return num_chunks
 
 
@@ -243,28 +267,32 @@ def summarize(per_image: dict[str, np.ndarray]) -> dict[str, Any]:
   terms = per_image["terms_bpd"].astype(np.float64)
   curve = rate_distortion.rate_distortion(terms, per_image["mse"], per_image["prior_bpd"])
   return dict(
-      n=int(bpd.size),
-      mean=float(bpd.mean()),
-      stderr=float(bpd.std() / math.sqrt(bpd.size)),
-      prior_bpd_mean=float(per_image["prior_bpd"].astype(np.float64).mean()),
-      decoder_bpd_mean=float(terms[:, 0].mean()),
-      terms_bpd_mean=terms.mean(axis=0).tolist(),
-      mse_mean=per_image["mse"].astype(np.float64).mean(axis=0).tolist(),
-      rate_distortion=[list(row) for row in curve.table()],
+    n=int(bpd.size),
+    mean=float(bpd.mean()),
+    stderr=float(bpd.std() / math.sqrt(bpd.size)),
+    prior_bpd_mean=float(per_image["prior_bpd"].astype(np.float64).mean()),
+    decoder_bpd_mean=float(terms[:, 0].mean()),
+    terms_bpd_mean=terms.mean(axis=0).tolist(),
+    mse_mean=per_image["mse"].astype(np.float64).mean(axis=0).tolist(),
+    rate_distortion=[list(row) for row in curve.table()],
   )
 
 
 def _per_image_csv(per_image: dict[str, np.ndarray]) -> str:
   lines = ["index,total_bpd,prior_bpd,decoder_bpd"]
-  for i, total, prior, decoder in zip(per_image["index"], per_image["total_bpd"],
-                                      per_image["prior_bpd"], per_image["terms_bpd"][:, 0],
-                                      strict=True):
+  for i, total, prior, decoder in zip(
+    per_image["index"],
+    per_image["total_bpd"],
+    per_image["prior_bpd"],
+    per_image["terms_bpd"][:, 0],
+    strict=True,
+  ):
     lines.append(f"{i},{total:.9g},{prior:.9g},{decoder:.9g}")
   return "\n".join(lines) + "\n"
 
 
 def write_results(
-    workdir: str, step: int, per_image: dict[str, np.ndarray], summary: dict[str, Any]
+  workdir: str, step: int, per_image: dict[str, np.ndarray], summary: dict[str, Any]
 ) -> None:
   """Process 0: bpd.json, bpd_per_image.csv, the rate-distortion CSV and PNG, TensorBoard."""
   out_dir = eval_dir(workdir, step)
@@ -272,23 +300,32 @@ def write_results(
   write(os.path.join(out_dir, "bpd.json"), json.dumps(summary, indent=2).encode())
   write(os.path.join(out_dir, "bpd_per_image.csv"), _per_image_csv(per_image).encode())
   curve = rate_distortion.rate_distortion(
-      per_image["terms_bpd"], per_image["mse"], per_image["prior_bpd"])
-  rate_distortion.write_csv(os.path.join(out_dir, "rate_distortion.csv"),
-                            rate_distortion.curve_rows(curve))
-  plot = rate_distortion.plot_png(os.path.join(out_dir, "rate_distortion.png"), curve.rate,
-                                  curve.distortion)
+    per_image["terms_bpd"], per_image["mse"], per_image["prior_bpd"]
+  )
+  rate_distortion.write_csv(
+    os.path.join(out_dir, "rate_distortion.csv"), rate_distortion.curve_rows(curve)
+  )
+  plot = rate_distortion.plot_png(
+    os.path.join(out_dir, "rate_distortion.png"), curve.rate, curve.distortion
+  )
   writer = metric_writers.create_default_writer(workdir, collection="eval")
-  writer.write_scalars(step, {
-      "eval/bpd": summary["mean"], "eval/bpd_stderr": summary["stderr"],
-      "eval/prior_bpd": summary["prior_bpd_mean"], "eval/decoder_bpd": summary["decoder_bpd_mean"],
-      "eval/num_examples": summary["n"]})
+  writer.write_scalars(
+    step,
+    {
+      "eval/bpd": summary["mean"],
+      "eval/bpd_stderr": summary["stderr"],
+      "eval/prior_bpd": summary["prior_bpd_mean"],
+      "eval/decoder_bpd": summary["decoder_bpd_mean"],
+      "eval/num_examples": summary["n"],
+    },
+  )
   writer.write_images(step, {"eval/rate_distortion": plot[None]})
   writer.flush()
   writer.close()
 
 
 def run_bpd_eval(
-    config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
+  config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None
 ) -> dict[str, Any]:
   """Evaluates the checkpoint of `step` (None or < 0: the latest) in `workdir`; call on every
   process. Rerunning resumes. Returns the summary of bpd.json with `step` and `eval_dir`
@@ -301,8 +338,9 @@ def run_bpd_eval(
   return bpd_of_checkpoint(ModelBundle.from_config(config), workdir, step=step)
 
 
-def bpd_of_checkpoint(bundle: ModelBundle, workdir: str, *, step: int | None = None
-                      ) -> dict[str, Any]:
+def bpd_of_checkpoint(
+  bundle: ModelBundle, workdir: str, *, step: int | None = None
+) -> dict[str, Any]:
   """`run_bpd_eval` for a validated config's bundle (`--mode=eval` evaluates this way)."""
   config = bundle.config
   workdir = file_io.absolute(workdir)
@@ -316,7 +354,13 @@ def bpd_of_checkpoint(bundle: ModelBundle, workdir: str, *, step: int | None = N
   per_image = load_chunks(chunk_dir, num_chunks)
   summary = dict(step=step, split=config.data.eval_split, **summarize(per_image))
   write_results(workdir, step, per_image, summary)
-  logging.info("Step %d: %.5f +- %.5f bits/dim over %d images of %s; results in %s", step,
-               summary["mean"], summary["stderr"], summary["n"], summary["split"],
-               result["eval_dir"])
+  logging.info(
+    "Step %d: %.5f +- %.5f bits/dim over %d images of %s; results in %s",
+    step,
+    summary["mean"],
+    summary["stderr"],
+    summary["n"],
+    summary["split"],
+    result["eval_dir"],
+  )
   return summary | result

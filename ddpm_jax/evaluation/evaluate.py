@@ -40,8 +40,9 @@ def evaluate_sample_quality(bundle: ModelBundle, workdir: str) -> dict[str, Any]
   if jax.process_index() != 0:
     return {}
   result = sample_quality.evaluate_samples(config, images) | {"samples": directory}
-  file_io.write_atomically(os.path.join(directory, "sample_quality.json"),
-                           json.dumps(result, indent=2).encode())
+  file_io.write_atomically(
+    os.path.join(directory, "sample_quality.json"), json.dumps(result, indent=2).encode()
+  )
   return result
 
 
@@ -61,12 +62,16 @@ def _evaluate(bundle: ModelBundle, workdir: str) -> dict:
     results["sample_quality"] = quality = evaluate_sample_quality(bundle, workdir)
     if quality:
       writer = metric_writers.create_default_writer(
-          workdir, just_logging=jax.process_index() > 0, collection="eval")
+        workdir, just_logging=jax.process_index() > 0, collection="eval"
+      )
       scalars = {f"eval/{k}": v for k, v in quality.items() if isinstance(v, float)}
       writer.write_scalars(_step_of(quality["samples"]), scalars)
       writer.flush()
-      print(f"Sample quality ({config.sample.num_samples} samples in {quality['samples']}): "
-            + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()), flush=True)
+      print(
+        f"Sample quality ({config.sample.num_samples} samples in {quality['samples']}): "
+        + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()),
+        flush=True,
+      )
   return results
 
 
@@ -99,8 +104,12 @@ def checkpoint_steps(workdir: str) -> list[int]:
     return []
 
 
-def watch(config: ml_collections.ConfigDict, workdir: str, poll_secs: float | None = None,
-          timeout_secs: float | None = None) -> list[int]:
+def watch(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  poll_secs: float | None = None,
+  timeout_secs: float | None = None,
+) -> list[int]:
   """Evaluates each new checkpoint until the one of `training.num_train_steps` is done."""
   validate_config(config, mode="eval")
   workdir = file_io.absolute(workdir)

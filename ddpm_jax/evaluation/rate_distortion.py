@@ -85,9 +85,9 @@ def rate_distortion(terms_bpd: Array, mse: Array, prior_bpd: Array) -> RateDisto
   # the terms in reverse order, shifted by one so that k = 1 has paid the prior only.
   received = np.concatenate([[0.0], np.cumsum(terms[::-1])[:-1]])
   return RateDistortion(
-      reverse_time=np.arange(1, num_timesteps + 1),
-      rate=prior + received,
-      distortion=127.5 * np.sqrt(mse_mean[::-1]),
+    reverse_time=np.arange(1, num_timesteps + 1),
+    rate=prior + received,
+    distortion=127.5 * np.sqrt(mse_mean[::-1]),
   )
 
 
@@ -119,10 +119,15 @@ def render_plot(rate: Array, distortion: Array) -> np.ndarray:
   rate, distortion = np.asarray(rate, np.float64), np.asarray(distortion, np.float64)
   reverse_time = np.arange(1, rate.shape[0] + 1, dtype=np.float64)
   panels = [
-      (reverse_time, rate, "Rate", "reverse process steps (T - t + 1)", "rate (bits/dim)"),
-      (reverse_time, distortion, "Distortion", "reverse process steps (T - t + 1)",
-       "distortion (RMSE, [0, 255])"),
-      (rate, distortion, "Rate-distortion", "rate (bits/dim)", "distortion (RMSE, [0, 255])"),
+    (reverse_time, rate, "Rate", "reverse process steps (T - t + 1)", "rate (bits/dim)"),
+    (
+      reverse_time,
+      distortion,
+      "Distortion",
+      "reverse process steps (T - t + 1)",
+      "distortion (RMSE, [0, 255])",
+    ),
+    (rate, distortion, "Rate-distortion", "rate (bits/dim)", "distortion (RMSE, [0, 255])"),
   ]
   width, height = PANEL_SIZE
   fig, axes = plt.subplots(1, 3, figsize=(3 * width / _DPI, height / _DPI), dpi=_DPI)

@@ -31,34 +31,46 @@ def feature_extractor(config: ml_collections.ConfigDict) -> tuple[str, FeatureEx
 
 def _stats_path(config: ml_collections.ConfigDict, extractor_name: str) -> str:
   root = config.eval.fid_stats_dir or os.path.join(
-      os.path.expanduser("~"), ".cache", "ddpm_jax", "fid_stats")
-  name = (f"{config.data.dataset}_{config.eval.fid_split}_{config.data.image_size}px_"
-          f"{extractor_name}.npz")
+    os.path.expanduser("~"), ".cache", "ddpm_jax", "fid_stats"
+  )
+  name = (
+    f"{config.data.dataset}_{config.eval.fid_split}_{config.data.image_size}px_{extractor_name}.npz"
+  )
   return os.path.join(root, name)
 
 
-def real_features(config: ml_collections.ConfigDict, extractor: FeatureExtractor,
-                  num_examples: int = -1) -> np.ndarray:
+def real_features(
+  config: ml_collections.ConfigDict, extractor: FeatureExtractor, num_examples: int = -1
+) -> np.ndarray:
   """Pool features `[N, D]` of the real images of `eval.fid_split` (one process reads all)."""
   from ddpm_jax.data import pipeline  # TensorFlow: the real images.
 
   batches = pipeline.create_eval_dataset(
-      config, process_index=0, process_count=1, batch_size_per_process=500,
-      split=config.eval.fid_split, num_examples=num_examples)
+    config,
+    process_index=0,
+    process_count=1,
+    batch_size_per_process=500,
+    split=config.eval.fid_split,
+    num_examples=num_examples,
+  )
   features = [extractor(image_grid.to_uint8(images[mask]))[0] for images, mask in batches]
   return np.concatenate(features)
 
 
 def reference_statistics(
-    config: ml_collections.ConfigDict, extractor_name: str, extractor: FeatureExtractor
+  config: ml_collections.ConfigDict, extractor_name: str, extractor: FeatureExtractor
 ) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of the real data's features, computed once and cached under
   `eval.fid_stats_dir` (default ~/.cache/ddpm_jax/fid_stats)."""
   path = _stats_path(config, extractor_name)
   if file_io.exists(path):
     return fid.load_statistics(path)
-  logging.info("Computing the reference FID statistics of %s/%s into %s",
-               config.data.dataset, config.eval.fid_split, path)
+  logging.info(
+    "Computing the reference FID statistics of %s/%s into %s",
+    config.data.dataset,
+    config.eval.fid_split,
+    path,
+  )
   mu, sigma = fid.compute_statistics(real_features(config, extractor))
   fid.save_statistics(path, mu, sigma)
   return mu, sigma
@@ -70,8 +82,10 @@ def evaluate_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> 
   mu_real, sigma_real = reference_statistics(config, name, extractor)
   pool, logits = extractor(samples)
   mu, sigma = fid.compute_statistics(pool)
-  result = {"fid": fid.frechet_distance(mu, sigma, mu_real, sigma_real),
-            "num_samples": float(len(samples))}
+  result = {
+    "fid": fid.frechet_distance(mu, sigma, mu_real, sigma_real),
+    "num_samples": float(len(samples)),
+  }
   if logits is not None:
     result["inception_score"], result["inception_score_std"] = fid.inception_score(logits)
   return result

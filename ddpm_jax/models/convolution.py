@@ -31,8 +31,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
-  return jax.lax.conv_general_dilated(
-    x, kernel, (stride, stride), padding, dimension_numbers=_NHWC)
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_NHWC)
 
 
 def _shifted_views(x: jax.Array, stride: int, padding: Padding) -> list[jax.Array]:
@@ -41,14 +40,18 @@ def _shifted_views(x: jax.Array, stride: int, padding: Padding) -> list[jax.Arra
   xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   h_out = (xp.shape[1] - 3) // stride + 1
   w_out = (xp.shape[2] - 3) // stride + 1
-  return [xp[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride, :]
-          for i in range(3) for j in range(3)]
+  return [
+    xp[:, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride, :]
+    for i in range(3)
+    for j in range(3)
+  ]
 
 
 def _shifted_matmul(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
   cols = jnp.concatenate(_shifted_views(x, stride, padding), axis=-1)  # [B, H', W', 9 C]
-  out = jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(-1, kernel.shape[-1]),
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+    "bhwk,ko->bhwo", cols, kernel.reshape(-1, kernel.shape[-1]), preferred_element_type=jnp.float32
+  )
   return out.astype(x.dtype)
 
 
@@ -65,9 +68,12 @@ def _conv_matmul_grad_bwd(stride, padding, residuals, g):
   x, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: _lax_conv(x, kernel, stride, padding), x)
   g2 = g.reshape(-1, g.shape[-1])  # [B H' W', O]
-  taps = [jax.lax.dot_general(v.reshape(-1, v.shape[-1]), g2, (((0,), (0,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-          for v in _shifted_views(x, stride, padding)]  # Nine [C, O].
+  taps = [
+    jax.lax.dot_general(
+      v.reshape(-1, v.shape[-1]), g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    for v in _shifted_views(x, stride, padding)
+  ]  # Nine [C, O].
   d_kernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
   return input_vjp(g)[0], d_kernel
 
@@ -79,14 +85,18 @@ def varying_like(param: jax.Array, x: jax.Array) -> jax.Array:
   """Under shard_map, marks a replicated parameter as varying over x's mesh axes: the implicit
   broadcast autodiff would insert (its transpose sums the parameter's gradient over devices),
   which a custom VJP must see explicitly. Outside shard_map, the parameter as it is."""
-  axes = tuple(sorted(jax.typeof(x).manual_axis_type.varying
-                      - jax.typeof(param).manual_axis_type.varying))
+  axes = tuple(
+    sorted(jax.typeof(x).manual_axis_type.varying - jax.typeof(param).manual_axis_type.varying)
+  )
   return jax.lax.pcast(param, axes, to="varying") if axes else param
 
 
 def conv3x3(
-  x: jax.Array, kernel: jax.Array, stride: int = 1,
-  padding: Sequence[Sequence[int]] = ((1, 1), (1, 1)), impl: str = "xla",
+  x: jax.Array,
+  kernel: jax.Array,
+  stride: int = 1,
+  padding: Sequence[Sequence[int]] = ((1, 1), (1, 1)),
+  impl: str = "xla",
 ) -> jax.Array:
   """x [B, H, W, C] * kernel [3, 3, C, O] -> [B, H', W', O] in x's dtype, by `impl`."""
   if impl not in CONV_IMPLS:

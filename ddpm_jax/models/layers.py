@@ -53,8 +53,7 @@ def swish(x: jax.Array) -> jax.Array:
 
 def default_init(scale: float = 1.0) -> jax.nn.initializers.Initializer:
   """TF1 variance_scaling(scale, 'fan_avg', 'uniform'); scale 0 means 1e-10 as in the original."""
-  return jax.nn.initializers.variance_scaling(
-    1e-10 if scale == 0 else scale, "fan_avg", "uniform")
+  return jax.nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
 def _group_mean(v: jax.Array, num_groups: int) -> jax.Array:
@@ -76,8 +75,9 @@ def _group_stats(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Arr
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm_fn(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
-                  epsilon: float) -> jax.Array:
+def group_norm_fn(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float
+) -> jax.Array:
   """(x - mean) / sqrt(var + eps) * scale + bias over each example's groups, float32 [B, ..., C].
 
   The backward pass keeps only x and the [B, C] statistics (autodiff would keep x - mean and
@@ -104,8 +104,9 @@ def _group_norm_bwd(num_groups, epsilon, residuals, g):
   d_scale = jnp.sum(g * xhat, axis=reduce_axes)
   d_bias = jnp.sum(g, axis=reduce_axes)
   dxhat = g * scale
-  dx = rstd * (dxhat - _group_mean(dxhat, num_groups)
-               - xhat * _group_mean(dxhat * xhat, num_groups))
+  dx = rstd * (
+    dxhat - _group_mean(dxhat, num_groups) - xhat * _group_mean(dxhat * xhat, num_groups)
+  )
   return dx, d_scale, d_bias
 
 
@@ -113,8 +114,9 @@ group_norm_fn.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm_swish_fn(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
-                        epsilon: float) -> jax.Array:
+def group_norm_swish_fn(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, epsilon: float
+) -> jax.Array:
   """swish(group_norm_fn(x, scale, bias)), float32 [B, ..., C], with one backward pass for both.
 
   It keeps x and the [B, C] statistics, as group_norm_fn, and not the normalised z that swish's
@@ -169,8 +171,9 @@ class GroupNorm(nn.Module):
     return fn(x, scale, bias, self.num_groups, self.epsilon)
 
 
-def group_norm(name: str, param_dtype: Dtype, parent: Any = None,
-               with_swish: bool = False) -> GroupNorm:
+def group_norm(
+  name: str, param_dtype: Dtype, parent: Any = None, with_swish: bool = False
+) -> GroupNorm:
   """GroupNorm(32 groups, eps 1e-6) computed in float32 (tf.contrib.layers.group_norm), followed
   by swish when `with_swish`."""
   kw = {} if parent is None else {"parent": parent}
@@ -191,8 +194,9 @@ class Conv3x3(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", default_init(self.init_scale),
-                        (3, 3, x.shape[-1], self.features), self.param_dtype)
+    kernel = self.param(
+      "kernel", default_init(self.init_scale), (3, 3, x.shape[-1], self.features), self.param_dtype
+    )
     bias = self.param("bias", jax.nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = convolution.conv3x3(x, kernel, self.strides, self.padding, self.conv_impl)
@@ -200,13 +204,21 @@ class Conv3x3(nn.Module):
 
 
 def conv3x3(
-  features: int, name: str, dtype: Dtype, param_dtype: Dtype, init_scale: float = 1.0,
-  strides: int = 1, padding: Any = ((1, 1), (1, 1)), conv_impl: str = "xla", parent: Any = None,
+  features: int,
+  name: str,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  init_scale: float = 1.0,
+  strides: int = 1,
+  padding: Any = ((1, 1), (1, 1)),
+  conv_impl: str = "xla",
+  parent: Any = None,
 ) -> Conv3x3:
   """The 3x3 convolution `name` (a child of `parent` if given); see `Conv3x3`."""
   kw = {} if parent is None else {"parent": parent}
-  return Conv3x3(features, strides, padding, init_scale, conv_impl, dtype, param_dtype, name=name,
-                 **kw)
+  return Conv3x3(
+    features, strides, padding, init_scale, conv_impl, dtype, param_dtype, name=name, **kw
+  )
 
 
 @jax.custom_vjp
@@ -252,8 +264,9 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", default_init(self.init_scale), (x.shape[-1], self.features),
-                        self.param_dtype)
+    kernel = self.param(
+      "kernel", default_init(self.init_scale), (x.shape[-1], self.features), self.param_dtype
+    )
     bias = self.param("bias", jax.nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return dense_fn(x, varying_like(kernel, x)) + bias
@@ -302,8 +315,9 @@ class ResBlock(nn.Module):
     h = h + dense(out_ch, "temb_proj", self.dtype, self.param_dtype)(swish(temb))[:, None, None, :]
     h = group_norm("norm2", self.param_dtype, with_swish=True)(h)
     h = Dropout(self.dropout, deterministic=not train)(h)
-    h = conv3x3(out_ch, "conv2", self.dtype, self.param_dtype, init_scale=0.0,
-                conv_impl=self.conv_impl)(h)
+    h = conv3x3(
+      out_ch, "conv2", self.dtype, self.param_dtype, init_scale=0.0, conv_impl=self.conv_impl
+    )(h)
     if in_ch != out_ch:
       x = dense(out_ch, "nin_shortcut", self.dtype, self.param_dtype)(x)
     return x + h
@@ -351,8 +365,14 @@ class Downsample(nn.Module):
       raise ValueError(f"Downsample needs even spatial sizes, got {height}x{width}")
     if self.with_conv:
       return conv3x3(
-        c, "conv", self.dtype, self.param_dtype, strides=2, padding=((0, 1), (0, 1)),
-        conv_impl=self.conv_impl)(x)
+        c,
+        "conv",
+        self.dtype,
+        self.param_dtype,
+        strides=2,
+        padding=((0, 1), (0, 1)),
+        conv_impl=self.conv_impl,
+      )(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 

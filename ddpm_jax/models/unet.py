@@ -55,7 +55,13 @@ def _resample_cls(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
 
 
 def _concat_block(
-  mdl: nn.Module, h: jax.Array, skip: jax.Array, temb: jax.Array, *, train: bool, name: str,
+  mdl: nn.Module,
+  h: jax.Array,
+  skip: jax.Array,
+  temb: jax.Array,
+  *,
+  train: bool,
+  name: str,
   **block_fields,
 ) -> jax.Array:
   """The up path's ResBlock `name` (a child of `mdl`) on concat(h, skip) along channels."""
@@ -68,8 +74,9 @@ def _output_head(
 ) -> jax.Array:
   """norm_out -> swish -> conv_out, as children `norm_out` and `conv_out` of `mdl`."""
   h = group_norm("norm_out", param_dtype, parent=mdl, with_swish=True)(h)
-  return conv3x3(out_ch, "conv_out", dtype, param_dtype, init_scale=0.0, conv_impl=conv_impl,
-                 parent=mdl)(h)
+  return conv3x3(
+    out_ch, "conv_out", dtype, param_dtype, init_scale=0.0, conv_impl=conv_impl, parent=mdl
+  )(h)
 
 
 class DownLevel(nn.Module):
@@ -94,14 +101,16 @@ class DownLevel(nn.Module):
     block_cls = _res_block_cls(self.remat)
     skips = []
     for j in range(self.num_res_blocks):
-      h = block_cls(self.out_ch, self.dropout, self.conv_impl, self.dtype, self.param_dtype,
-                    name=f"block_{j}")(h, temb, train)
+      h = block_cls(
+        self.out_ch, self.dropout, self.conv_impl, self.dtype, self.param_dtype, name=f"block_{j}"
+      )(h, temb, train)
       if self.use_attn:
         h = AttnBlock(self.dtype, self.param_dtype, name=f"attn_{j}")(h)
       skips.append(h)
     if self.downsample:
       h = _resample_cls(Downsample, self.remat)(
-        self.resamp_with_conv, self.conv_impl, self.dtype, self.param_dtype, name="downsample")(h)
+        self.resamp_with_conv, self.conv_impl, self.dtype, self.param_dtype, name="downsample"
+      )(h)
       skips.append(h)
     return skips
 
@@ -147,8 +156,15 @@ class UpLevel(nn.Module):
   ) -> jax.Array:
     for j in range(self.num_res_blocks + 1):
       block = functools.partial(
-        _concat_block, train=train, out_ch=self.out_ch, dropout=self.dropout,
-        conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{j}")
+        _concat_block,
+        train=train,
+        out_ch=self.out_ch,
+        dropout=self.dropout,
+        conv_impl=self.conv_impl,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"block_{j}",
+      )
       # Rematerialised with the concatenation inside, so that h and the skip are what is kept,
       # not their concatenation (which is as large as both).
       h = (nn.remat(block) if self.remat else block)(self, h, skips.pop(), temb)
@@ -156,7 +172,8 @@ class UpLevel(nn.Module):
         h = AttnBlock(self.dtype, self.param_dtype, name=f"attn_{j}")(h)
     if self.upsample:
       h = _resample_cls(Upsample, self.remat)(
-        self.resamp_with_conv, self.conv_impl, self.dtype, self.param_dtype, name="upsample")(h)
+        self.resamp_with_conv, self.conv_impl, self.dtype, self.param_dtype, name="upsample"
+      )(h)
     return h
 
 
@@ -192,11 +209,17 @@ class UNet(nn.Module):
     if x.shape[1] % (2 ** (num_levels - 1)) or x.shape[2] % (2 ** (num_levels - 1)):
       raise ValueError(
         f"image size {x.shape[1]}x{x.shape[2]} must be divisible by 2**{num_levels - 1} "
-        f"for ch_mult={tuple(self.ch_mult)}")
+        f"for ch_mult={tuple(self.ch_mult)}"
+      )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     blocks_kw = dict(
-      num_res_blocks=self.num_res_blocks, dropout=self.dropout,
-      resamp_with_conv=self.resamp_with_conv, remat=self.remat, conv_impl=self.conv_impl, **kw)
+      num_res_blocks=self.num_res_blocks,
+      dropout=self.dropout,
+      resamp_with_conv=self.resamp_with_conv,
+      remat=self.remat,
+      conv_impl=self.conv_impl,
+      **kw,
+    )
 
     temb = TimestepEmbed(self.ch, name="temb", **kw)(t)
 
@@ -204,15 +227,23 @@ class UNet(nn.Module):
     skips = [h]
     for i in range(num_levels):
       skips += DownLevel(
-        self.ch * self.ch_mult[i], use_attn=skips[-1].shape[1] in self.attn_resolutions,
-        downsample=i != num_levels - 1, name=f"down_{i}", **blocks_kw)(skips[-1], temb, train)
+        self.ch * self.ch_mult[i],
+        use_attn=skips[-1].shape[1] in self.attn_resolutions,
+        downsample=i != num_levels - 1,
+        name=f"down_{i}",
+        **blocks_kw,
+      )(skips[-1], temb, train)
 
     h = MidBlock(self.dropout, self.remat, self.conv_impl, name="mid", **kw)(skips[-1], temb, train)
 
     for i in reversed(range(num_levels)):
       h = UpLevel(
-        self.ch * self.ch_mult[i], use_attn=h.shape[1] in self.attn_resolutions,
-        upsample=i != 0, name=f"up_{i}", **blocks_kw)(h, skips, temb, train)
+        self.ch * self.ch_mult[i],
+        use_attn=h.shape[1] in self.attn_resolutions,
+        upsample=i != 0,
+        name=f"up_{i}",
+        **blocks_kw,
+      )(h, skips, temb, train)
     assert not skips, "every skip connection must be consumed"
 
     head = nn.remat(_output_head, static_argnums=(2, 3, 4, 5)) if self.remat else _output_head

@@ -36,13 +36,19 @@ def _config_load_error(error: Exception, argv: list[str]) -> str:
     return f"{config_arg}: no such file."
   if isinstance(error, (AttributeError, KeyError)):
     name = str(error).strip("'\"")
-    bad = [a.partition("=")[0] for a in argv
-           if a.startswith("--config.") and name in a.partition("=")[0].split(".")]
+    bad = [
+      a.partition("=")[0]
+      for a in argv
+      if a.startswith("--config.") and name in a.partition("=")[0].split(".")
+    ]
     if bad:
-      return (f"{bad[0]}: no such config field ({name!r}); configs/default.py lists every field "
-              "and its default.")
-  if isinstance(error, AttributeError) and not isinstance(flags.FLAGS["config"].value,
-                                                          ml_collections.ConfigDict):
+      return (
+        f"{bad[0]}: no such config field ({name!r}); configs/default.py lists every field "
+        "and its default."
+      )
+  if isinstance(error, AttributeError) and not isinstance(
+    flags.FLAGS["config"].value, ml_collections.ConfigDict
+  ):
     return f"{config_arg}: its get_config() must return an ml_collections.ConfigDict."
   first_line = (str(error).strip().splitlines() or [""])[0]
   return f"{config_arg} could not be loaded: {type(error).__name__}: {first_line}"
@@ -56,8 +62,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     flags.FLAGS.config.to_dict()  # A config file that failed to load raises here.
   except flags.Error as e:
     lines = [line for line in str(e).splitlines() if line.strip()]
-    print(f"error: {' '.join(lines[:1] + lines[1:][-1:])}\nPass --helpshort to see the flags.",
-          file=sys.stderr)
+    print(
+      f"error: {' '.join(lines[:1] + lines[1:][-1:])}\nPass --helpshort to see the flags.",
+      file=sys.stderr,
+    )
     sys.exit(2)
   except (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
     print(f"error: {_config_load_error(e, argv)}", file=sys.stderr)

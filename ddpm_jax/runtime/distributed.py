@@ -19,9 +19,9 @@ def _in_multi_process_cluster() -> bool:
 
 
 def maybe_initialize(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
 ) -> None:
   """Connects the processes of a multi-host run; a single-process run needs nothing.
 
@@ -30,11 +30,16 @@ def maybe_initialize(
   """
   if coordinator_address:
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes,
-        process_id=process_id)
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   elif _in_multi_process_cluster():
     jax.distributed.initialize()
   else:
     return
-  logging.info("Process %d of %d, %d local of %d devices.", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "Process %d of %d, %d local of %d devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )

@@ -82,4 +82,5 @@ def _backends_started() -> bool:
   if "jax" not in sys.modules:
     return False
   from jax._src import xla_bridge  # No public API tells whether the backends exist yet.
+
   return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())

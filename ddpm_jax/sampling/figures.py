@@ -60,32 +60,44 @@ def _model_fn(model: nn.Module, params: Any):
 # -- Fig. 6: progressive generation. -----------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("diffusion", "model", "image_shape", "freq",
-                                             "clip_denoised"))
+@functools.partial(
+  jax.jit, static_argnames=("diffusion", "model", "image_shape", "freq", "clip_denoised")
+)
 def _progressive(params, keys, *, diffusion, model, image_shape, freq, clip_denoised):
   final, preds = diffusion.p_sample_loop_progressive(
-      _model_fn(model, params), (keys.shape[0], *image_shape), keys, clip_denoised,
-      include_xstartpred_freq=freq)
+    _model_fn(model, params),
+    (keys.shape[0], *image_shape),
+    keys,
+    clip_denoised,
+    include_xstartpred_freq=freq,
+  )
   # preds slot k holds t = k * freq; show them in reverse time, then the sample.
   return jnp.concatenate([jnp.flip(preds, axis=1), final[:, None]], axis=1)
 
 
 def progressive_generation(
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    params: Any,
-    keys: jax.Array,
-    image_shape: tuple[int, int, int],
-    *,
-    num_snapshots: int = 20,
-    clip_denoised: bool = True,
+  diffusion: GaussianDiffusion,
+  model: nn.Module,
+  params: Any,
+  keys: jax.Array,
+  image_shape: tuple[int, int, int],
+  *,
+  num_snapshots: int = 20,
+  clip_denoised: bool = True,
 ) -> np.ndarray:
   """Fig. 6. keys `[N, 2]` (one per sample, as `samplers.sample_keys`) -> uint8 `[N, K + 1, H,
   W, C]`: the x_0 predicted at t = (K - 1) f, ..., f, 0 with f = T // num_snapshots and
   K = T // f, then the final sample (equal to `p_sample_loop` with the same keys)."""
   freq = max(1, diffusion.num_timesteps // num_snapshots)
-  table = _progressive(params, keys, diffusion=diffusion, model=model,
-                       image_shape=tuple(image_shape), freq=freq, clip_denoised=clip_denoised)
+  table = _progressive(
+    params,
+    keys,
+    diffusion=diffusion,
+    model=model,
+    image_shape=tuple(image_shape),
+    freq=freq,
+    clip_denoised=clip_denoised,
+  )
   return image_grid.to_uint8(table)
 
 
@@ -98,30 +110,38 @@ def _shared_latent_row(params, x_start, t, rng, *, diffusion, model, num_chains,
   noise = jax.random.normal(jax.random.fold_in(rng, 0), x_start.shape, x_start.dtype)
   x_t = diffusion.q_sample(x_start, jnp.full((1,), t, jnp.int32), noise)
   keys = sample_keys(jax.random.fold_in(rng, 1), 0, num_chains)
-  chains = diffusion.p_sample_loop_from(_model_fn(model, params),
-                                        jnp.repeat(x_t, num_chains, axis=0), t, keys,
-                                        clip_denoised)
+  chains = diffusion.p_sample_loop_from(
+    _model_fn(model, params), jnp.repeat(x_t, num_chains, axis=0), t, keys, clip_denoised
+  )
   return jnp.concatenate([x_start, x_t, chains])
 
 
 def shared_latents(
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    params: Any,
-    x_start: np.ndarray,
-    rng: jax.Array,
-    *,
-    timesteps: Sequence[int],
-    num_chains: int = 6,
-    clip_denoised: bool = True,
+  diffusion: GaussianDiffusion,
+  model: nn.Module,
+  params: Any,
+  x_start: np.ndarray,
+  rng: jax.Array,
+  *,
+  timesteps: Sequence[int],
+  num_chains: int = 6,
+  clip_denoised: bool = True,
 ) -> np.ndarray:
   """Fig. 7. x_start `[H, W, C]` in [-1, 1] -> uint8 `[len(timesteps), 2 + num_chains, H, W,
   C]`: per t, x_0, one x_t ~ q(x_t | x_0) (same noise for every t) and num_chains samples of
   p(x_0 | x_t), each chain with its own noise (the same chain keys in every row)."""
   rows = [
-      _shared_latent_row(params, jnp.asarray(x_start), jnp.int32(t), rng, diffusion=diffusion,
-                         model=model, num_chains=num_chains, clip_denoised=clip_denoised)
-      for t in timesteps
+    _shared_latent_row(
+      params,
+      jnp.asarray(x_start),
+      jnp.int32(t),
+      rng,
+      diffusion=diffusion,
+      model=model,
+      num_chains=num_chains,
+      clip_denoised=clip_denoised,
+    )
+    for t in timesteps
   ]
   return image_grid.to_uint8(jnp.stack(rows))
 
@@ -129,30 +149,29 @@ def shared_latents(
 # -- Figs. 8 and 9: interpolation. -------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("diffusion", "model", "num_lambdas",
-                                             "clip_denoised"))
-def _interpolation_row(params, x_a, x_b, t, rng, *, diffusion, model, num_lambdas,
-                       clip_denoised):
+@functools.partial(jax.jit, static_argnames=("diffusion", "model", "num_lambdas", "clip_denoised"))
+def _interpolation_row(params, x_a, x_b, t, rng, *, diffusion, model, num_lambdas, clip_denoised):
   lams = jnp.linspace(0.0, 1.0, num_lambdas)
   # One key repeated per lambda: every lambda diffuses with the same noise, denoises with the same.
   keys = jnp.broadcast_to(rng, (num_lambdas, *rng.shape))
   repeat = lambda x: jnp.broadcast_to(x, (num_lambdas, *x.shape))
-  mixed = diffusion.interpolate(_model_fn(model, params), repeat(x_a), repeat(x_b), lams, t,
-                                keys, clip_denoised)
+  mixed = diffusion.interpolate(
+    _model_fn(model, params), repeat(x_a), repeat(x_b), lams, t, keys, clip_denoised
+  )
   return jnp.concatenate([x_a[None], mixed, x_b[None]])
 
 
 def interpolation(
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    params: Any,
-    x_a: np.ndarray,
-    x_b: np.ndarray,
-    rng: jax.Array,
-    *,
-    timesteps: Sequence[int],
-    num_lambdas: int = NUM_LAMBDAS,
-    clip_denoised: bool = True,
+  diffusion: GaussianDiffusion,
+  model: nn.Module,
+  params: Any,
+  x_a: np.ndarray,
+  x_b: np.ndarray,
+  rng: jax.Array,
+  *,
+  timesteps: Sequence[int],
+  num_lambdas: int = NUM_LAMBDAS,
+  clip_denoised: bool = True,
 ) -> np.ndarray:
   """Figs. 8 and 9. Image pairs x_a, x_b `[P, H, W, C]` in [-1, 1] and one step per pair
   (`timesteps` of length P; or one pair `[H, W, C]` and any number of steps, Fig. 9) -> uint8
@@ -165,10 +184,18 @@ def interpolation(
   if len(x_a) != len(timesteps) or x_a.shape != x_b.shape:
     raise ValueError(f"Got pairs {x_a.shape} and {x_b.shape} for {len(timesteps)} timesteps.")
   rows = [
-      _interpolation_row(params, jnp.asarray(a), jnp.asarray(b), jnp.int32(t),
-                         jax.random.fold_in(rng, r), diffusion=diffusion, model=model,
-                         num_lambdas=num_lambdas, clip_denoised=clip_denoised)
-      for r, (a, b, t) in enumerate(zip(x_a, x_b, timesteps, strict=True))
+    _interpolation_row(
+      params,
+      jnp.asarray(a),
+      jnp.asarray(b),
+      jnp.int32(t),
+      jax.random.fold_in(rng, r),
+      diffusion=diffusion,
+      model=model,
+      num_lambdas=num_lambdas,
+      clip_denoised=clip_denoised,
+    )
+    for r, (a, b, t) in enumerate(zip(x_a, x_b, timesteps, strict=True))
   ]
   return image_grid.to_uint8(jnp.stack(rows))
 
@@ -181,62 +208,90 @@ def eval_images(config: ml_collections.ConfigDict, num_images: int) -> np.ndarra
   from ddpm_jax.data import pipeline  # TensorFlow, only for the real images.
 
   batches = pipeline.create_eval_dataset(
-      config, process_index=0, process_count=1, batch_size_per_process=num_images,
-      num_examples=num_images)
+    config,
+    process_index=0,
+    process_count=1,
+    batch_size_per_process=num_images,
+    num_examples=num_images,
+  )
   images, mask = next(batches)
   if mask.sum() < num_images:
-    raise ValueError(f"The eval split {config.data.eval_split!r} of {config.data.dataset} has "
-                     f"only {int(mask.sum())} images; the figures need {num_images}.")
+    raise ValueError(
+      f"The eval split {config.data.eval_split!r} of {config.data.dataset} has "
+      f"only {int(mask.sum())} images; the figures need {num_images}."
+    )
   return images[mask]
 
 
 def figure_tables(
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    params: Any,
-    source_images: np.ndarray,
-    *,
-    seed: int,
-    num_samples: int = 8,
-    num_chains: int = 6,
-    clip_denoised: bool = True,
+  diffusion: GaussianDiffusion,
+  model: nn.Module,
+  params: Any,
+  source_images: np.ndarray,
+  *,
+  seed: int,
+  num_samples: int = 8,
+  num_chains: int = 6,
+  clip_denoised: bool = True,
 ) -> dict[str, np.ndarray]:
   """The four figures' tables (see the module docstring). source_images `[2P, H, W, C]` in
   [-1, 1]: image 0 for Fig. 7, pairs (2i, 2i + 1) for Fig. 8, pair (0, 1) for Fig. 9."""
   source_images = np.asarray(source_images, np.float32)
   if len(source_images) < 2 or len(source_images) % 2:
-    raise ValueError(f"source_images must hold an even number >= 2 of images, got "
-                     f"{source_images.shape}.")
+    raise ValueError(
+      f"source_images must hold an even number >= 2 of images, got {source_images.shape}."
+    )
   num_t, rng = diffusion.num_timesteps, jax.random.PRNGKey(seed)
   common = dict(clip_denoised=clip_denoised)
   pairs_a, pairs_b = source_images[0::2], source_images[1::2]
   keys = sample_keys(rng, 0, num_samples)  # The first samples of run_sampling's seed.
   return {
-      "progressive_generation": progressive_generation(
-          diffusion, model, params, keys, source_images.shape[1:], **common),
-      "shared_latents": shared_latents(
-          diffusion, model, params, source_images[0], jax.random.fold_in(rng, 7),
-          timesteps=[scaled_timestep(k, num_t) for k in SHARED_LATENT_FRACTIONS],
-          num_chains=num_chains, **common),
-      "interpolation": interpolation(
-          diffusion, model, params, pairs_a, pairs_b, jax.random.fold_in(rng, 8),
-          timesteps=[scaled_timestep(INTERPOLATION_FRACTION, num_t)] * len(pairs_a), **common),
-      "coarse_to_fine": interpolation(
-          diffusion, model, params, pairs_a[0], pairs_b[0], jax.random.fold_in(rng, 9),
-          timesteps=[scaled_timestep(k, num_t) for k in COARSE_TO_FINE_FRACTIONS], **common),
+    "progressive_generation": progressive_generation(
+      diffusion, model, params, keys, source_images.shape[1:], **common
+    ),
+    "shared_latents": shared_latents(
+      diffusion,
+      model,
+      params,
+      source_images[0],
+      jax.random.fold_in(rng, 7),
+      timesteps=[scaled_timestep(k, num_t) for k in SHARED_LATENT_FRACTIONS],
+      num_chains=num_chains,
+      **common,
+    ),
+    "interpolation": interpolation(
+      diffusion,
+      model,
+      params,
+      pairs_a,
+      pairs_b,
+      jax.random.fold_in(rng, 8),
+      timesteps=[scaled_timestep(INTERPOLATION_FRACTION, num_t)] * len(pairs_a),
+      **common,
+    ),
+    "coarse_to_fine": interpolation(
+      diffusion,
+      model,
+      params,
+      pairs_a[0],
+      pairs_b[0],
+      jax.random.fold_in(rng, 9),
+      timesteps=[scaled_timestep(k, num_t) for k in COARSE_TO_FINE_FRACTIONS],
+      **common,
+    ),
   }
 
 
 def write_figures(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    ema_params: Any = None,
-    *,
-    step: int | None = None,
-    source_images: np.ndarray | None = None,
-    num_pairs: int = 2,
-    num_samples: int = 8,
-    num_chains: int = 6,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  ema_params: Any = None,
+  *,
+  step: int | None = None,
+  source_images: np.ndarray | None = None,
+  num_pairs: int = 2,
+  num_samples: int = 8,
+  num_chains: int = 6,
 ) -> dict[str, str]:
   """Writes the four figures as PNGs; returns {name: path}.
 
@@ -252,9 +307,15 @@ def write_figures(
   if source_images is None:
     source_images = eval_images(config, 2 * num_pairs)
   tables = figure_tables(
-      bundle.diffusion, bundle.model, jax.device_get(ema_params), source_images,
-      seed=config.sample.seed,
-      num_samples=num_samples, num_chains=num_chains, clip_denoised=config.sample.clip_denoised)
+    bundle.diffusion,
+    bundle.model,
+    jax.device_get(ema_params),
+    source_images,
+    seed=config.sample.seed,
+    num_samples=num_samples,
+    num_chains=num_chains,
+    clip_denoised=config.sample.clip_denoised,
+  )
   directory = os.path.join(workdir, "figures", "" if step is None else f"step_{step}")
   paths = {name: os.path.join(directory, f"{name}.png") for name in tables}
   if jax.process_index() == 0:

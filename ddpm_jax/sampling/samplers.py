@@ -48,8 +48,7 @@ class SamplerSpec:
     """The spec of a (validated) `config.sample`. `ancestral` with `num_steps` >= T is Algorithm
     2 itself; with fewer steps it is the strided ancestral sampler, DDIM with eta = 1."""
     if sample.sampler == "ancestral":
-      return cls("ancestral", min(sample.num_steps, num_timesteps), 1.0,
-                 bool(sample.clip_denoised))
+      return cls("ancestral", min(sample.num_steps, num_timesteps), 1.0, bool(sample.clip_denoised))
     return cls("ddim", sample.num_steps, float(sample.eta), bool(sample.clip_denoised))
 
   def dirname(self, step: int, seed: int) -> str:
@@ -63,10 +62,11 @@ def make_chain_fn(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
   """`chain(model_fn, shape, keys [B, 2]) -> x0 [B, H, W, C]` for the sampler of `spec`."""
   if spec.sampler == "ancestral" and spec.num_steps == diffusion.num_timesteps:
     return lambda model_fn, shape, keys: diffusion.p_sample_loop(
-        model_fn, shape, keys, spec.clip_denoised)
+      model_fn, shape, keys, spec.clip_denoised
+    )
   return lambda model_fn, shape, keys: diffusion.ddim_sample_loop(
-      model_fn, shape, keys, num_steps=spec.num_steps, eta=spec.eta,
-      clip_denoised=spec.clip_denoised)
+    model_fn, shape, keys, num_steps=spec.num_steps, eta=spec.eta, clip_denoised=spec.clip_denoised
+  )
 
 
 class ChainProgress:
@@ -88,17 +88,27 @@ class ChainProgress:
       return
     self._last_t = t
     done, elapsed = self.num_timesteps - t, time.monotonic() - self._start
-    logging.info("%s: %d of %d reverse steps, %.0f s, ETA %.0f s.", self.what, done,
-                 self.num_timesteps, elapsed, elapsed * t / done)
+    logging.info(
+      "%s: %d of %d reverse steps, %.0f s, ETA %.0f s.",
+      self.what,
+      done,
+      self.num_timesteps,
+      elapsed,
+      elapsed * t / done,
+    )
 
 
 def _report_progress(progress: ChainProgress, t: jax.Array) -> None:
   jax.lax.cond(t % progress.every == 0, lambda: jax.debug.callback(progress, t), lambda: None)
 
 
-def _sharded_chain(model: nn.Module, mesh: Mesh, image_shape: tuple[int, int, int],
-                   chain: Callable, progress: ChainProgress | None = None
-                   ) -> Callable[[Any, jax.Array], np.ndarray]:
+def _sharded_chain(
+  model: nn.Module,
+  mesh: Mesh,
+  image_shape: tuple[int, int, int],
+  chain: Callable,
+  progress: ChainProgress | None = None,
+) -> Callable[[Any, jax.Array], np.ndarray]:
   """`run(params, keys [N, 2] sharded over the mesh) -> images [N, H, W, C]` (numpy, gathered
   on every process): each device runs `chain` on its share of the keys, calling `progress` at
   the steps it reports."""
@@ -111,20 +121,22 @@ def _sharded_chain(model: nn.Module, mesh: Mesh, image_shape: tuple[int, int, in
 
     return chain(model_fn, (keys.shape[0], *image_shape), keys)
 
-  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
-                                 out_specs=P(AXIS)),
-                   compiler_options=xla_flags.inference_compiler_options(parallel.platform(mesh)))
+  mapped = jax.jit(
+    jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)),
+    compiler_options=xla_flags.inference_compiler_options(parallel.platform(mesh)),
+  )
   return lambda params, keys: np.asarray(
-      multihost_utils.process_allgather(mapped(params, keys), tiled=True))
+    multihost_utils.process_allgather(mapped(params, keys), tiled=True)
+  )
 
 
 def make_sampler(
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    mesh: Mesh,
-    image_shape: tuple[int, int, int],
-    clip_denoised: bool = True,
-    progress: ChainProgress | None = None,
+  diffusion: GaussianDiffusion,
+  model: nn.Module,
+  mesh: Mesh,
+  image_shape: tuple[int, int, int],
+  clip_denoised: bool = True,
+  progress: ChainProgress | None = None,
 ) -> Callable[[Any, jax.Array], np.ndarray]:
   """Returns `sample(params, keys [N, 2]) -> images [N, H, W, C]` in [-1, 1] (float32 numpy):
   Algorithm 2 through all T steps, reporting to `progress` if given (start it before a call).
@@ -143,12 +155,12 @@ def make_sampler(
 
 
 def make_sample_fn(
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    mesh: Mesh,
-    image_shape: tuple[int, int, int],
-    spec: SamplerSpec,
-    batch_size: int,
+  diffusion: GaussianDiffusion,
+  model: nn.Module,
+  mesh: Mesh,
+  image_shape: tuple[int, int, int],
+  spec: SamplerSpec,
+  batch_size: int,
 ) -> Callable[[Any, np.ndarray], np.ndarray]:
   """Returns `sample(params, keys [n, 2]) -> images [n, H, W, C]` float32 in [-1, 1] (numpy).
 

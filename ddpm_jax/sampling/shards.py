@@ -65,17 +65,18 @@ class StaleSamplesError(ValueError):
   """A sample directory holds samples of other settings than those asked for."""
 
 
-def sample_manifest(config: ml_collections.ConfigDict, spec: SamplerSpec,
-                    step: int) -> dict[str, Any]:
+def sample_manifest(
+  config: ml_collections.ConfigDict, spec: SamplerSpec, step: int
+) -> dict[str, Any]:
   """Everything that determines the images of a sample directory (not the batch size or the
   number of samples: sample i is the same in every run)."""
   return {
-      "checkpoint_step": step,
-      "sampler": dataclasses.asdict(spec),
-      "seed": config.sample.seed,
-      "image_shape": list(model_bundle.image_shape(config)),
-      "diffusion": config.diffusion.to_dict(),
-      "model": config.model.to_dict(),
+    "checkpoint_step": step,
+    "sampler": dataclasses.asdict(spec),
+    "seed": config.sample.seed,
+    "image_shape": list(model_bundle.image_shape(config)),
+    "diffusion": config.diffusion.to_dict(),
+    "model": config.model.to_dict(),
   }
 
 
@@ -87,8 +88,9 @@ def sample_dir(workdir: str, manifest: dict[str, Any]) -> str:
   """`<workdir>/<SamplerSpec.dirname>_<key>`, key a hash of the manifest."""
   key = hashlib.sha256(_manifest_json(manifest).encode()).hexdigest()[:8]
   spec = SamplerSpec(**manifest["sampler"])
-  return os.path.join(workdir, f"{spec.dirname(manifest['checkpoint_step'], manifest['seed'])}"
-                               f"_{key}")
+  return os.path.join(
+    workdir, f"{spec.dirname(manifest['checkpoint_step'], manifest['seed'])}_{key}"
+  )
 
 
 def _check_or_write_manifest(directory: str, manifest: dict[str, Any]) -> None:
@@ -99,8 +101,9 @@ def _check_or_write_manifest(directory: str, manifest: dict[str, Any]) -> None:
     if file_io.read_text(path) == text:
       return
     raise StaleSamplesError(
-        f"{directory} holds samples of other settings than these (its {MANIFEST_NAME} differs); "
-        "nothing was changed. Move it away, or sample into another directory.")
+      f"{directory} holds samples of other settings than these (its {MANIFEST_NAME} differs); "
+      "nothing was changed. Move it away, or sample into another directory."
+    )
   file_io.write_atomically(path, text.encode())
 
 
@@ -143,17 +146,23 @@ def _shard_complete(path: str, start: int, count: int, image_shape: tuple[int, .
     return False
   images, indices = shard["images"], shard["indices"]
   expected = np.arange(start, start + count)
-  return (images.dtype == np.uint8 and images.shape == (count, *image_shape)
-          and indices.dtype == np.int64 and np.array_equal(indices, expected))
+  return (
+    images.dtype == np.uint8
+    and images.shape == (count, *image_shape)
+    and indices.dtype == np.int64
+    and np.array_equal(indices, expected)
+  )
 
 
-def _pending_shards(directory: str, ranges: list[tuple[int, int]],
-                    image_shape: tuple[int, ...]) -> list[int]:
+def _pending_shards(
+  directory: str, ranges: list[tuple[int, int]], image_shape: tuple[int, ...]
+) -> list[int]:
   """Indices of the shards still to sample; process 0's view of the disk decides for all."""
   pending = np.zeros(len(ranges), np.bool_)
   if jax.process_index() == 0:
-    pending[:] = [not _shard_complete(shard_path(directory, i), *r, image_shape)
-                  for i, r in enumerate(ranges)]
+    pending[:] = [
+      not _shard_complete(shard_path(directory, i), *r, image_shape) for i, r in enumerate(ranges)
+    ]
   if jax.process_count() > 1:
     pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
   return [int(i) for i in np.flatnonzero(pending)]
@@ -186,8 +195,9 @@ def load_samples(directory: str, num_samples: int | None = None) -> np.ndarray:
   filled[indices[keep]] = True
   if n == 0 or not filled.all():
     raise FileNotFoundError(
-        f"The samples in {directory} are incomplete: {len(paths)} shards, {int(filled.sum())} of "
-        f"samples 0..{n - 1} present. Rerun the sampling to finish them.")
+      f"The samples in {directory} are incomplete: {len(paths)} shards, {int(filled.sum())} of "
+      f"samples 0..{n - 1} present. Rerun the sampling to finish them."
+    )
   images = np.concatenate([s["images"] for s in shards])[keep]
   out = np.empty((n, *images.shape[1:]), np.uint8)
   out[indices[keep]] = images
@@ -198,7 +208,7 @@ def load_samples(directory: str, num_samples: int | None = None) -> np.ndarray:
 
 
 def run_sampling(
-    config: ml_collections.ConfigDict, workdir: str, output_dir: str | None = None
+  config: ml_collections.ConfigDict, workdir: str, output_dir: str | None = None
 ) -> str:
   """Samples `config.sample` from the EMA params of a checkpoint in `workdir`; returns the
   output directory (default `sample_dir`). Rerunning resumes; see top."""
@@ -220,13 +230,25 @@ def sample_checkpoint(bundle: ModelBundle, workdir: str, output_dir: str | None 
       file_io.make_writable_dir(directory, "The sample directory")
       _check_or_write_manifest(directory, manifest)
     pending = _pending_shards(directory, ranges, bundle.image_shape)
-    logging.info("Sampling step %d with %s into %s: %d of %d shards to do.", step, spec,
-                 directory, len(pending), len(ranges))
+    logging.info(
+      "Sampling step %d with %s into %s: %d of %d shards to do.",
+      step,
+      spec,
+      directory,
+      len(pending),
+      len(ranges),
+    )
     if pending:
       ema_params = readers.restore_ema_params(ckpt, bundle.abstract_params(), step)
   if pending:
-    sample_fn = make_sample_fn(bundle.diffusion, bundle.model, bundle.mesh, bundle.image_shape,
-                               spec, config.sample.batch_size)
+    sample_fn = make_sample_fn(
+      bundle.diffusion,
+      bundle.model,
+      bundle.mesh,
+      bundle.image_shape,
+      spec,
+      config.sample.batch_size,
+    )
     _sample_shards(sample_fn, ema_params, config.sample.seed, directory, ranges, pending)
   grid_path = os.path.join(directory, GRID_NAME)
   if jax.process_index() == 0 and not file_io.exists(grid_path):
@@ -236,8 +258,9 @@ def sample_checkpoint(bundle: ModelBundle, workdir: str, output_dir: str | None 
   return directory
 
 
-def _sample_shards(sample_fn, params, seed: int, directory: str,
-                   ranges: list[tuple[int, int]], pending: list[int]) -> None:
+def _sample_shards(
+  sample_fn, params, seed: int, directory: str, ranges: list[tuple[int, int]], pending: list[int]
+) -> None:
   """Samples and writes (process 0) the `pending` shards, logging images/s and the ETA."""
   rng = jax.random.PRNGKey(seed)
   start_time, done = time.time(), 0
@@ -249,8 +272,14 @@ def _sample_shards(sample_fn, params, seed: int, directory: str,
       file_io.write_atomically(shard_path(directory, index), data)
     done += count
     rate = done / max(time.time() - start_time, 1e-9)
-    left = sum(ranges[i][1] for i in pending[n + 1:])
-    logging.info("Wrote shard %d (%d/%d pending shards): %.1f images/s, ETA %.0f s.", index,
-                 n + 1, len(pending), rate, left / rate)
+    left = sum(ranges[i][1] for i in pending[n + 1 :])
+    logging.info(
+      "Wrote shard %d (%d/%d pending shards): %.1f images/s, ETA %.0f s.",
+      index,
+      n + 1,
+      len(pending),
+      rate,
+      left / rate,
+    )
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("sampling_done")

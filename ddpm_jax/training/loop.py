@@ -50,8 +50,13 @@ class TrainLoop(TrainProgram):
     self.workdir = workdir
     self.progress = samplers.ChainProgress(self.diffusion.num_timesteps)
     self.sampler = samplers.make_sampler(
-        self.diffusion, self.model, self.mesh, self.bundle.image_shape,
-        clip_denoised=config.sample.clip_denoised, progress=self.progress)
+      self.diffusion,
+      self.model,
+      self.mesh,
+      self.bundle.image_shape,
+      clip_denoised=config.sample.clip_denoised,
+      progress=self.progress,
+    )
 
   def sample_images(self, state, num_images: int, step: int) -> np.ndarray:
     """uint8 `[N, H, W, C]` EMA samples; sample i depends only on (sample.seed, i)."""
@@ -78,8 +83,9 @@ class TrainLoop(TrainProgram):
     return path
 
 
-def report_sample_quality(loop: TrainLoop, images: np.ndarray, step: int,
-                          writer) -> dict[str, float]:
+def report_sample_quality(
+  loop: TrainLoop, images: np.ndarray, step: int, writer
+) -> dict[str, float]:
   """FID (and IS) of uint8 EMA samples `[N, H, W, C]` against the real data (process 0), to
   TensorBoard, stdout and `samples/step_<N>_sample_quality.json`."""
   from ddpm_jax.evaluation import sample_quality  # The feature networks are only needed here.
@@ -89,15 +95,21 @@ def report_sample_quality(loop: TrainLoop, images: np.ndarray, step: int,
   writer.write_scalars(step, {f"sample_quality/{k}": v for k, v in result.items()})
   file_io.write_atomically(loop.sample_quality_path(step), json.dumps(result, indent=2).encode())
   summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
-  print(f"Sample quality of {len(images)} EMA samples at step {step} ({config.data.dataset}, "
-        f"against its {config.eval.fid_split} split): {summary}", flush=True)
+  print(
+    f"Sample quality of {len(images)} EMA samples at step {step} ({config.data.dataset}, "
+    f"against its {config.eval.fid_split} split): {summary}",
+    flush=True,
+  )
   return result
 
 
 def _data_iterator(config, start_step: int):
   return pipeline.create_train_dataset(
-      config, process_index=jax.process_index(), process_count=jax.process_count(),
-      start_step=start_step)
+    config,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    start_step=start_step,
+  )
 
 
 def _next_batch(data_iter, loop: TrainLoop, steps: int) -> jax.Array:
@@ -125,9 +137,10 @@ class MetricsBuffer:
     for step, m in zip(steps, fetched, strict=True):
       if not m["finite"]:
         raise NonFiniteLossError(
-            f"The loss became {float(m['loss'])} by step {step}. Training stopped; no checkpoint "
-            "was written after it, so the latest checkpoint in the workdir is intact. Lower "
-            "optim.lr, check optim.grad_clip, or try model.dtype=float32, then rerun to resume.")
+          f"The loss became {float(m['loss'])} by step {step}. Training stopped; no checkpoint "
+          "was written after it, so the latest checkpoint in the workdir is intact. Lower "
+          "optim.lr, check optim.grad_clip, or try model.dtype=float32, then rerun to resume."
+        )
     summary = {k: float(v) for k, v in fetched[-1].items() if k != "finite"}
     summary["loss"] = float(np.mean([m["loss"] for m in fetched]))
     return summary
@@ -140,15 +153,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   `training.num_train_steps`) is raised before anything is written.
   """
   workdir = file_io.absolute(workdir)
-  validate_config(config, mode="train", device_count=jax.device_count(),
-                  process_count=jax.process_count())
+  validate_config(
+    config, mode="train", device_count=jax.device_count(), process_count=jax.process_count()
+  )
   file_io.make_writable_dir(workdir, "--workdir")
   loop = TrainLoop(config, workdir)
   training = config.training
   with Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=training.keep_checkpoints,
-      every_steps=training.checkpoint_every_steps, every_secs=training.checkpoint_every_secs,
-      default_sharding=parallel.replicated(loop.mesh)) as ckpt:
+    os.path.join(workdir, "checkpoints"),
+    keep=training.keep_checkpoints,
+    every_steps=training.checkpoint_every_steps,
+    every_secs=training.checkpoint_every_secs,
+    default_sharding=parallel.replicated(loop.mesh),
+  ) as ckpt:
     _check_not_beyond(ckpt, training.num_train_steps)
     write_config(config, workdir)
     pipeline.prepare_embedded_dataset(config)
@@ -159,9 +176,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
       logging.info("Resumed from the checkpoint of step %d in %s", start_step, ckpt.directory)
     else:
       parameter_overview.log_parameter_overview(state.params, jax_logging_process=0)
-    writer.write_hparams({"num_params": parallel.param_count(state.params),
-                          "num_devices": jax.device_count(),
-                          "global_batch_size": training.batch_size})
+    writer.write_hparams(
+      {
+        "num_params": parallel.param_count(state.params),
+        "num_devices": jax.device_count(),
+        "global_batch_size": training.batch_size,
+      }
+    )
     state = _run(loop, state, start_step, ckpt, writer)
   writer.flush()
   return state
@@ -171,10 +192,11 @@ def _check_not_beyond(ckpt: Checkpointer, num_train_steps: int) -> None:
   latest = ckpt.latest_step()
   if latest is not None and latest > num_train_steps:
     raise NothingToTrainError(
-        f"The latest checkpoint in {ckpt.directory} is of step {latest}, beyond "
-        f"training.num_train_steps={num_train_steps}: nothing to train. Pass "
-        f"--config.training.num_train_steps={latest} or more to resume it, or use a fresh "
-        "--workdir.")
+      f"The latest checkpoint in {ckpt.directory} is of step {latest}, beyond "
+      f"training.num_train_steps={num_train_steps}: nothing to train. Pass "
+      f"--config.training.num_train_steps={latest} or more to resume it, or use a fresh "
+      "--workdir."
+    )
 
 
 def _missing_final_outputs(loop: TrainLoop, step: int) -> bool:

@@ -66,8 +66,9 @@ class PreemptionWatcher:
     # in whatever thread; the watcher thread wakes at once, while the main thread still waits.
     previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     self._wakeup = (read_fd, write_fd, previous)
-    threading.Thread(target=_exit_on_signal, args=(read_fd, skipped, before_exit),
-                     name="sigterm-exit", daemon=True).start()
+    threading.Thread(
+      target=_exit_on_signal, args=(read_fd, skipped, before_exit), name="sigterm-exit", daemon=True
+    ).start()
 
   def resume_saving(self) -> None:
     """Ends `exit_on_sigterm`: a SIGTERM again means save and stop at the next step."""

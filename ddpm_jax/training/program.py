@@ -33,13 +33,23 @@ class TrainProgram:
     self.optimizer = state_lib.make_optimizer(config.optim)
     self.lr_schedule = state_lib.learning_rate_schedule(config.optim.lr, config.optim.warmup_steps)
     self.init_fn = jax.jit(
-        functools.partial(init_train_state, config, self.model, self.optimizer,
-                          jax.random.PRNGKey(config.training.seed)),
-        out_shardings=parallel.replicated(self.mesh))
+      functools.partial(
+        init_train_state,
+        config,
+        self.model,
+        self.optimizer,
+        jax.random.PRNGKey(config.training.seed),
+      ),
+      out_shardings=parallel.replicated(self.mesh),
+    )
     self.step_fn = step_lib.make_train_step(
-        diffusion=self.diffusion, model=self.model, optimizer=self.optimizer,
-        lr_schedule=self.lr_schedule, ema_decay=config.optim.ema_decay,
-        global_batch_size=config.training.batch_size)
+      diffusion=self.diffusion,
+      model=self.model,
+      optimizer=self.optimizer,
+      lr_schedule=self.lr_schedule,
+      ema_decay=config.optim.ema_decay,
+      global_batch_size=config.training.batch_size,
+    )
     self._compiled_steps: dict[int, Any] = {}
 
   def train_step(self, steps: int):

@@ -49,25 +49,25 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   # The chain keeps its shape with clipping off, so a run can resume after changing grad_clip.
   clip = optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity()
   adam = optax.adam(
-      learning_rate_schedule(optim.lr, optim.warmup_steps),
-      b1=optim.beta1,
-      b2=optim.beta2,
-      eps=optim.eps,
+    learning_rate_schedule(optim.lr, optim.warmup_steps),
+    b1=optim.beta1,
+    b2=optim.beta2,
+    eps=optim.eps,
   )
   return optax.chain(clip, adam)
 
 
 def create_train_state(
-    params: Any, optimizer: optax.GradientTransformation, rng: jax.Array
+  params: Any, optimizer: optax.GradientTransformation, rng: jax.Array
 ) -> TrainState:
   """A fresh state at step 0. `ema_params` is a copy, never an alias of `params`: donating a
   state that holds one buffer twice crashes on a multi-device mesh."""
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      ema_params=jax.tree.map(jnp.copy, params),
-      opt_state=optimizer.init(params),
-      rng=rng,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
+    opt_state=optimizer.init(params),
+    rng=rng,
   )
 
 

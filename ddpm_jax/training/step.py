@@ -33,28 +33,28 @@ def example_keys(rng: jax.Array, batch: int) -> jax.Array:
 
 
 def sample_t_and_noise(
-    rng: jax.Array, x_start: jax.Array, num_timesteps: int
+  rng: jax.Array, x_start: jax.Array, num_timesteps: int
 ) -> tuple[jax.Array, jax.Array]:
   """t ~ Uniform{0..T-1} `[B_local]` and eps ~ N(0, I) like x_start, per global example."""
   t_rng, noise_rng = jax.random.split(rng)
   batch = x_start.shape[0]
   t = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps, jnp.int32))(
-      example_keys(t_rng, batch)
+    example_keys(t_rng, batch)
   )
   noise = jax.vmap(lambda k: jax.random.normal(k, x_start.shape[1:], x_start.dtype))(
-      example_keys(noise_rng, batch)
+    example_keys(noise_rng, batch)
   )
   return t, noise
 
 
 def make_train_step(
-    *,
-    diffusion: GaussianDiffusion,
-    model: nn.Module,
-    optimizer: optax.GradientTransformation,
-    lr_schedule: optax.Schedule,
-    ema_decay: float,
-    global_batch_size: int,
+  *,
+  diffusion: GaussianDiffusion,
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+  ema_decay: float,
+  global_batch_size: int,
 ) -> StepFn:
   """Returns the per-device step `(state, x_start [B_local, H, W, C]) -> (state, metrics)`."""
 
@@ -74,16 +74,16 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        ema_params=ema_update(state.ema_params, params, ema_decay),
-        opt_state=opt_state,
+      step=state.step + 1,
+      params=params,
+      ema_params=ema_update(state.ema_params, params, ema_decay),
+      opt_state=opt_state,
     )
     metrics = dict(
-        loss=jax.lax.psum(local_loss, AXIS),
-        grad_norm=optax.tree.norm(grads),
-        param_norm=optax.tree.norm(params),
-        lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
+      loss=jax.lax.psum(local_loss, AXIS),
+      grad_norm=optax.tree.norm(grads),
+      param_norm=optax.tree.norm(params),
+      lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
     )
     return new_state, metrics
 

@@ -64,8 +64,11 @@ def check_shapes(shapes: Mapping[str, tuple[int, ...]], what: str = "The state d
   expected = expected_torch_shapes()
   missing = sorted(set(expected) - set(shapes))
   unexpected = sorted(set(shapes) - set(expected))
-  misshaped = [f"{key}: {shapes[key]}, expected {expected[key]}"
-               for key in sorted(set(shapes) & set(expected)) if shapes[key] != expected[key]]
+  misshaped = [
+    f"{key}: {shapes[key]}, expected {expected[key]}"
+    for key in sorted(set(shapes) & set(expected))
+    if shapes[key] != expected[key]
+  ]
   if missing or unexpected or misshaped:
     lines = [f"{what} does not match pytorch-fid's FID Inception ({inception.WEIGHTS_FILENAME})."]
     for title, keys in (

@@ -36,11 +36,20 @@ from ddpm_jax.weights.matching import ConversionError, Params, Shape, check, is_
 _DIFFUSERS_FILENAME = "diffusion_pytorch_model.safetensors"
 _DIFFUSERS_BIN_FILENAME = "diffusion_pytorch_model.bin"
 _DIFFUSERS_TOP = {
-  "temb/dense0": "time_embedding.linear_1", "temb/dense1": "time_embedding.linear_2",
-  "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+  "temb/dense0": "time_embedding.linear_1",
+  "temb/dense1": "time_embedding.linear_2",
+  "conv_in": "conv_in",
+  "norm_out": "conv_norm_out",
+  "conv_out": "conv_out",
+}
 _DIFFUSERS_RESNET = {
-  "norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
-  "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+  "norm1": "norm1",
+  "conv1": "conv1",
+  "temb_proj": "time_emb_proj",
+  "norm2": "norm2",
+  "conv2": "conv2",
+  "nin_shortcut": "conv_shortcut",
+}
 # Attention key styles: diffusers >= 0.15 `Attention` ("new") and the older `AttentionBlock`.
 DIFFUSERS_ATTENTION = {
   "new": {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"},
@@ -72,7 +81,8 @@ def diffusers_key(path: str, num_levels: int, attention: str = "new") -> str:
 
 
 _BLOCK_KEY = re.compile(
-  r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)\.(weight|bias)")
+  r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)\.(weight|bias)"
+)
 _MID_KEY = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)\.(weight|bias)")
 _RESAMPLE_KEY = re.compile(r"(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.conv\.(weight|bias)")
 
@@ -153,7 +163,8 @@ def to_diffusers_state_dict(params: Params, attention: str = "new") -> dict[str,
   num_levels = len({p.split("/")[0] for p in flat if p.startswith("down_")})
   return {
     diffusers_key(path, num_levels, attention): np.ascontiguousarray(
-      to_torch_layout(path, np.asarray(value)))
+      to_torch_layout(path, np.asarray(value))
+    )
     for path, value in flat.items()
   }
 
@@ -166,7 +177,8 @@ def diffusers_attention_style(keys: Any) -> str:
 
 _FROM_BIN = (
   "Download diffusion_pytorch_model.safetensors (or .bin) from the model's page, e.g. "
-  "google/ddpm-cifar10-32.")
+  "google/ddpm-cifar10-32."
+)
 
 
 def diffusers_weights_file(path: str) -> str:
@@ -185,8 +197,9 @@ def diffusers_weights_file(path: str) -> str:
   raise FileNotFoundError(f"No {_DIFFUSERS_FILENAME} in {path} (or {path}/unet). {_FROM_BIN}")
 
 
-def load_diffusers_state_dict(path: str, config: ml_collections.ConfigDict | None = None
-                              ) -> dict[str, np.ndarray]:
+def load_diffusers_state_dict(
+  path: str, config: ml_collections.ConfigDict | None = None
+) -> dict[str, np.ndarray]:
   """The tensors of a diffusers .safetensors or torch .bin file (read without torch), or of a
   model directory holding one.
 
@@ -198,12 +211,15 @@ def load_diffusers_state_dict(path: str, config: ml_collections.ConfigDict | Non
   if config is None:
     return files.read_weights(filename)
   header = files.weights_header(filename)
-  keys, _ = _match_diffusers({name: spec.shape for name, spec in header.items()}, config,
-                             f"The diffusers weights {filename}")
+  keys, _ = _match_diffusers(
+    {name: spec.shape for name, spec in header.items()}, config, f"The diffusers weights {filename}"
+  )
   for key in keys.values():
     if header[key].dtype not in files.FLOAT_DTYPES:
-      raise ConversionError(f"{filename}: tensor {key!r} has dtype {header[key].dtype}; U-Net "
-                            "weights are float16, bfloat16, float32 or float64.")
+      raise ConversionError(
+        f"{filename}: tensor {key!r} has dtype {header[key].dtype}; U-Net "
+        "weights are float16, bfloat16, float32 or float64."
+      )
   return files.read_weights(filename, {key: header[key].shape for key in keys.values()})
 
 
@@ -217,8 +233,14 @@ def _match_diffusers(
   down = {int(m.group(1)) for k in shapes if (m := re.match(r"down_blocks\.(\d+)\.", k))}
   num_levels = max(down) + 1 if down else config_levels
   return check(
-    what, config, shapes, lambda k: path_from_diffusers_key(k, num_levels, attention),
-    lambda p: diffusers_key(p, config_levels, attention), torch_shape, shape_from_torch)
+    what,
+    config,
+    shapes,
+    lambda k: path_from_diffusers_key(k, num_levels, attention),
+    lambda p: diffusers_key(p, config_levels, attention),
+    torch_shape,
+    shape_from_torch,
+  )
 
 
 def from_diffusers(
@@ -230,7 +252,13 @@ def from_diffusers(
   Raises ConversionError when names or shapes do not fit the config (one message).
   """
   keys, expected = _match_diffusers(
-    {k: tuple(np.shape(v)) for k, v in state_dict.items()}, config, "The diffusers state dict")
-  return unflatten({
-    p: np.ascontiguousarray(from_torch_layout(p, np.asarray(state_dict[k]))).astype(
-      expected[p].dtype) for p, k in keys.items()})
+    {k: tuple(np.shape(v)) for k, v in state_dict.items()}, config, "The diffusers state dict"
+  )
+  return unflatten(
+    {
+      p: np.ascontiguousarray(from_torch_layout(p, np.asarray(state_dict[k]))).astype(
+        expected[p].dtype
+      )
+      for p, k in keys.items()
+    }
+  )

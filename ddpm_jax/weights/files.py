@@ -16,11 +16,25 @@ from ddpm_jax.weights import torch_pickle
 from ddpm_jax.weights.matching import ConversionError, Shape, one_line
 
 # The safetensors dtypes its numpy path returns -> numpy (others, e.g. F8, numpy cannot hold).
-_SAFETENSORS_DTYPES = {name: np.dtype(dtype) for name, dtype in {
-  "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-  "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
-  "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_, "C64": np.complex64,
-}.items()}
+_SAFETENSORS_DTYPES = {
+  name: np.dtype(dtype)
+  for name, dtype in {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "C64": np.complex64,
+  }.items()
+}
 FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES[name] for name in ("F64", "F32", "F16", "BF16"))
 
 
@@ -33,10 +47,18 @@ def _reading(filename: str) -> Iterator[None]:
     raise
   except torch_pickle.TorchFileError as e:  # Names the file already.
     raise ConversionError(str(e)) from e
-  except (safetensors.SafetensorError, OSError, ValueError, TypeError, AttributeError,
-          OverflowError, MemoryError) as e:
+  except (
+    safetensors.SafetensorError,
+    OSError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+  ) as e:
     raise ConversionError(
-      f"{filename}: not a readable weights file ({type(e).__name__}: {one_line(e)})") from e
+      f"{filename}: not a readable weights file ({type(e).__name__}: {one_line(e)})"
+    ) from e
 
 
 def weights_header(filename: str) -> dict[str, torch_pickle.TensorSpec]:
@@ -51,15 +73,18 @@ def weights_header(filename: str) -> dict[str, torch_pickle.TensorSpec]:
       for name in names:
         view = f.get_slice(name)
         if view.get_dtype() not in _SAFETENSORS_DTYPES:
-          raise ConversionError(f"{filename}: tensor {name!r} has dtype {view.get_dtype()}, "
-                                f"which numpy cannot hold.")
+          raise ConversionError(
+            f"{filename}: tensor {name!r} has dtype {view.get_dtype()}, which numpy cannot hold."
+          )
         specs[name] = torch_pickle.TensorSpec(
-          tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
+          tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()]
+        )
     return specs
 
 
-def read_weights(filename: str, expected: Mapping[str, Shape] | None = None
-                 ) -> dict[str, np.ndarray]:
+def read_weights(
+  filename: str, expected: Mapping[str, Shape] | None = None
+) -> dict[str, np.ndarray]:
   """The tensors of a .safetensors or torch .bin file that `expected` (name -> shape) names, each
   checked to be there with its shape before any is read; only they are read. None: all of them
   (a .bin's arrays then take at most 4x the file's size + 64 MiB). Raises ConversionError."""
@@ -68,7 +93,8 @@ def read_weights(filename: str, expected: Mapping[str, Shape] | None = None
       if expected is None:
         return torch_pickle.load_state_dict(filename)
       return torch_pickle.load_state_dict(
-        filename, {name: (tuple(shape), None) for name, shape in expected.items()})
+        filename, {name: (tuple(shape), None) for name, shape in expected.items()}
+      )
     with safetensors.safe_open(filename, framework="numpy") as f:
       names = f.keys()
       if expected is None:
@@ -79,9 +105,12 @@ def read_weights(filename: str, expected: Mapping[str, Shape] | None = None
           raise ConversionError(f"{filename}: no tensor {name!r}.")
         view = f.get_slice(name)
         if tuple(view.get_shape()) != tuple(shape):
-          raise ConversionError(f"{filename}: tensor {name!r} has shape "
-                                f"{tuple(view.get_shape())}, expected {tuple(shape)}.")
+          raise ConversionError(
+            f"{filename}: tensor {name!r} has shape "
+            f"{tuple(view.get_shape())}, expected {tuple(shape)}."
+          )
         if view.get_dtype() not in _SAFETENSORS_DTYPES:
-          raise ConversionError(f"{filename}: tensor {name!r} has dtype {view.get_dtype()}, "
-                                "which numpy cannot hold.")
+          raise ConversionError(
+            f"{filename}: tensor {name!r} has dtype {view.get_dtype()}, which numpy cannot hold."
+          )
       return {name: f.get_tensor(name) for name in expected}

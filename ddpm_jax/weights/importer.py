@@ -44,11 +44,13 @@ def check_step_free(workdir: str, step: int) -> None:
   if step in _existing_steps(directory):
     raise FileExistsError(
       f"{directory}/{step} already exists; nothing was written. Use another --workdir, pass "
-      f"--step with a free step, or delete {directory}/{step} to convert again.")
+      f"--step with a free step, or delete {directory}/{step} to convert again."
+    )
 
 
-def save_checkpoint(params: Params, config: ml_collections.ConfigDict, workdir: str,
-                    step: int) -> str:
+def save_checkpoint(
+  params: Params, config: ml_collections.ConfigDict, workdir: str, step: int
+) -> str:
   """Writes `<workdir>/checkpoints/<step>` holding `imported_train_state`; returns its path."""
   check_step_free(workdir, step)
   directory = os.path.join(workdir, "checkpoints")
@@ -60,8 +62,12 @@ def save_checkpoint(params: Params, config: ml_collections.ConfigDict, workdir: 
 
 
 def convert(
-  source: str, input_path: str, config: ml_collections.ConfigDict, workdir: str,
-  step: int | None = None, use_ema: bool = True,
+  source: str,
+  input_path: str,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  step: int | None = None,
+  use_ema: bool = True,
 ) -> str:
   """Imports `input_path` ('tf' or 'diffusers') into `<workdir>/checkpoints/<step>`; its path.
 

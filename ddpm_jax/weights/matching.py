@@ -73,8 +73,11 @@ def _match(
       mis_shaped.append(f"{key}: {tuple(source_shapes[key])}, expected {want}")
   missing = [source_key(p) for p in sorted(expected) if p not in keys]
   problems = []
-  for title, items in (("missing", missing), ("unexpected", unexpected),
-                       ("mis-shaped", mis_shaped)):
+  for title, items in (
+    ("missing", missing),
+    ("unexpected", unexpected),
+    ("mis-shaped", mis_shaped),
+  ):
     if items:
       problems.append(_listing(title, items))
   return keys, problems
@@ -100,9 +103,12 @@ def _architecture(shapes: Mapping[str, Shape]) -> dict[str, Any] | None:
 def _config_architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
   m, size = config.model, config.data.image_size
   return {
-    "ch": m.ch, "ch_mult": tuple(m.ch_mult), "num_res_blocks": m.num_res_blocks,
+    "ch": m.ch,
+    "ch_mult": tuple(m.ch_mult),
+    "num_res_blocks": m.num_res_blocks,
     "attn_levels": tuple(i for i in range(len(m.ch_mult)) if size >> i in m.attn_resolutions),
-    "num_channels": config.data.num_channels, "out_ch": model_bundle.model_out_channels(config),
+    "num_channels": config.data.num_channels,
+    "out_ch": model_bundle.model_out_channels(config),
   }
 
 
@@ -140,8 +146,11 @@ def suggest_config(arch: Mapping[str, Any], configs_dir: str | None = None) -> s
   """The configs/*.py files (with --config overrides if needed) whose U-Net is `arch`: those
   needing the fewest overrides (the 256x256 models share one architecture)."""
   configs_dir = configs_dir or _configs_dir()
-  names = sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py")) if os.path.isdir(
-      configs_dir) else []
+  names = (
+    sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py"))
+    if os.path.isdir(configs_dir)
+    else []
+  )
   candidates: dict[str, list[str]] = {}
   for name in names:
     if name in ("default", "__init__"):
@@ -153,36 +162,51 @@ def suggest_config(arch: Mapping[str, Any], configs_dir: str | None = None) -> s
   if not candidates:
     return "a config with the fields above"
   fewest = min(len(flags) for flags in candidates.values())
-  return " or ".join(" ".join([f"--config=configs/{name}.py", *flags])
-                     for name, flags in sorted(candidates.items()) if len(flags) == fewest)
+  return " or ".join(
+    " ".join([f"--config=configs/{name}.py", *flags])
+    for name, flags in sorted(candidates.items())
+    if len(flags) == fewest
+  )
 
 
 def _describe(arch: Mapping[str, Any]) -> str:
-  return (f"ch={arch['ch']}, ch_mult={arch['ch_mult']}, num_res_blocks={arch['num_res_blocks']}, "
-          f"attention at level(s) {arch['attn_levels']}, {arch['num_channels']} input and "
-          f"{arch['out_ch']} output channels")
+  return (
+    f"ch={arch['ch']}, ch_mult={arch['ch_mult']}, num_res_blocks={arch['num_res_blocks']}, "
+    f"attention at level(s) {arch['attn_levels']}, {arch['num_channels']} input and "
+    f"{arch['out_ch']} output channels"
+  )
 
 
 def _conversion_error(
   what: str, problems: list[str], config: ml_collections.ConfigDict, found: Mapping[str, Shape]
 ) -> ConversionError:
   """One message: what does not fit, the architecture found, and the config to use."""
-  lines = [f"{what} does not fit the U-Net of the config ({_describe(_config_architecture(config))}"
-           f", image size {config.data.image_size}):", *problems]
+  lines = [
+    f"{what} does not fit the U-Net of the config ({_describe(_config_architecture(config))}"
+    f", image size {config.data.image_size}):",
+    *problems,
+  ]
   arch = _architecture(found)
   if arch is not None:
-    lines.append(f"The weights hold a U-Net with {_describe(arch)}; convert them with "
-                 f"{suggest_config(arch)}.")
+    lines.append(
+      f"The weights hold a U-Net with {_describe(arch)}; convert them with {suggest_config(arch)}."
+    )
   else:
-    lines.append("Use the config the weights were trained with (e.g. configs/cifar10.py for "
-                 "CIFAR-10, configs/lsun_church.py for the 256x256 models).")
+    lines.append(
+      "Use the config the weights were trained with (e.g. configs/cifar10.py for "
+      "CIFAR-10, configs/lsun_church.py for the 256x256 models)."
+    )
   return ConversionError("\n".join(lines))
 
 
 def check(
-  what: str, config: ml_collections.ConfigDict, source_shapes: Mapping[str, Shape],
-  path_of: Callable[[str], str | None], source_key: Callable[[str], str],
-  source_shape: Callable[[str, Shape], Shape], our_shape: Callable[[str, Shape], Shape],
+  what: str,
+  config: ml_collections.ConfigDict,
+  source_shapes: Mapping[str, Shape],
+  path_of: Callable[[str], str | None],
+  source_key: Callable[[str], str],
+  source_shape: Callable[[str, Shape], Shape],
+  our_shape: Callable[[str, Shape], Shape],
 ) -> tuple[dict[str, str], dict[str, jax.ShapeDtypeStruct]]:
   """({path: source key}, expected variables); raises one ConversionError if anything differs."""
   expected = variable_shapes(config)

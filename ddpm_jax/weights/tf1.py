@@ -66,12 +66,16 @@ def resolve_tf_checkpoint(path: str) -> str:
   if tf.io.gfile.isdir(path):
     prefix = tf.train.latest_checkpoint(path)
     if prefix is None:
-      raise FileNotFoundError(f"No TF checkpoint in the directory {path}; pass --input=DIR/"
-                              "model.ckpt-<step> (the prefix of the .index and .data files).")
+      raise FileNotFoundError(
+        f"No TF checkpoint in the directory {path}; pass --input=DIR/"
+        "model.ckpt-<step> (the prefix of the .index and .data files)."
+      )
     return prefix
   if not tf.io.gfile.exists(path + ".index"):
-    raise FileNotFoundError(f"No TF checkpoint {path}: {path}.index does not exist. Pass the "
-                            "prefix of the .index and .data files, e.g. model.ckpt-790000.")
+    raise FileNotFoundError(
+      f"No TF checkpoint {path}: {path}.index does not exist. Pass the "
+      "prefix of the .index and .data files, e.g. model.ckpt-790000."
+    )
   return path
 
 
@@ -87,8 +91,9 @@ def _tf_source(shapes: Mapping[str, Shape], use_ema: bool) -> tuple[dict[str, Sh
   EMA copies are taken when `use_ema` and the checkpoint has any; then the raw ones are ignored.
   Optimizer slots and names outside `model/` are always ignored.
   """
-  model = {k: s for k, s in shapes.items()
-           if k.startswith("model/") and not k.endswith(_OPTIMIZER_SLOTS)}
+  model = {
+    k: s for k, s in shapes.items() if k.startswith("model/") and not k.endswith(_OPTIMIZER_SLOTS)
+  }
   ema = {k: s for k, s in model.items() if k.endswith(EMA_SUFFIX)}
   if use_ema and ema:
     return ema, True
@@ -123,12 +128,18 @@ def from_tf_checkpoint(
     source, ema = _tf_source(shapes, use_ema)
     suffix = EMA_SUFFIX if ema else ""
     keys, expected = check(
-      f"The TF checkpoint {prefix}", config, source,
-      lambda k: path_from_tf_name(k[:len(k) - len(suffix)]),
-      lambda p: tf_name(p) + suffix, lambda _, s: s, lambda _, s: s)
+      f"The TF checkpoint {prefix}",
+      config,
+      source,
+      lambda k: path_from_tf_name(k[: len(k) - len(suffix)]),
+      lambda p: tf_name(p) + suffix,
+      lambda _, s: s,
+      lambda _, s: s,
+    )
     logging.info("Reading %d %s variables from %s", len(keys), "EMA" if ema else "raw", prefix)
-    return unflatten({
-      p: np.asarray(reader.get_tensor(k)).astype(expected[p].dtype) for p, k in keys.items()})
+    return unflatten(
+      {p: np.asarray(reader.get_tensor(k)).astype(expected[p].dtype) for p, k in keys.items()}
+    )
   except tf.errors.OpError as e:
     raise ConversionError(
       f"{prefix}: not a readable TF checkpoint ({type(e).__name__}: {one_line(e.message)})"

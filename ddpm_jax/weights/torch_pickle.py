@@ -239,8 +239,10 @@ class _RestrictedUnpickler(pickle._Unpickler):  # The pure-Python one: its memo 
 
   dispatch = {
     **pickle._Unpickler.dispatch,
-    **{getattr(pickle, op)[0]: _refusing(op)
-       for op in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4")},
+    **{
+      getattr(pickle, op)[0]: _refusing(op)
+      for op in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4")
+    },
     pickle.BUILD[0]: _load_build,
   }
 
@@ -305,7 +307,8 @@ def _unpickle(file: io.BytesIO, storage_for=None) -> Any:
   except EOFError as e:
     raise TorchFileError(
       f"bad pickle: it ends early (truncated, or longer than the {_MAX_PICKLE_BYTES >> 20} MiB a "
-      "state dict's pickle may take)") from e
+      "state dict's pickle may take)"
+    ) from e
   except KeyError as e:  # The pure-Python unpickler's dispatch table has no such opcode.
     raise TorchFileError(f"bad pickle: unknown opcode {_text(e)}") from e
   except _FILE_ERRORS as e:
@@ -634,8 +637,9 @@ def _materialise(source: _ZipFile | _LegacyFile, views: Sequence[_View]) -> list
     )
   data = {key: source.read(key, end) for key, end in ends.items()}
   return [
-    _decode(view, memoryview(data.get(view.storage.key, b""))[view.storage.start :],
-            source.little_endian)
+    _decode(
+      view, memoryview(data.get(view.storage.key, b""))[view.storage.start :], source.little_endian
+    )
     for view in views
   ]
 
