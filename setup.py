@@ -45,7 +45,8 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "diffusers==0.42.1",
     ],
-    # Optional: also compares imported weights against diffusers' own UNet2DModel.
+    # The cross-checks against torch and diffusers (importer, exporter, solvers, the benchmarks'
+    # peer); CI installs it (.ci/run), ./run_tests.sh without it skips them.
     "test-diffusers": [
         "torch==2.13.0",
         "diffusers==0.42.1",

@@ -156,6 +156,13 @@ def _split(rng: Array) -> tuple[Array, Array]:
   return keys[0], keys[1]
 
 
+def draw_x_T(rng: Array, shape: tuple[int, ...]) -> tuple[Array, Array]:
+  """(x_T ~ N(0, I) of `shape` [B, H, W, C], the key for the rest of the chain): every sampler
+  starts from the same x_T for the same `rng` (one key, or one per example `[B]`)."""
+  init_rng, loop_rng = _split(rng)
+  return _normal(init_rng, shape), loop_rng
+
+
 def _normal(rng: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
   """N(0, I) of `shape` [B, ...]; with per-example keys each example draws from its own key, so
   a sample does not depend on how the batch is split over devices."""
@@ -305,7 +312,9 @@ class GaussianDiffusion:
     ones = jnp.ones_like(x)
     return _extract(variance, t, x.shape) * ones, _extract(log_variance, t, x.shape) * ones
 
-  def _split_output(self, model_output: Array, x: Array) -> tuple[Array, Array | None]:
+  def split_output(self, model_output: Array, x: Array) -> tuple[Array, Array | None]:
+    """The model output `[B, H, W, C]` or `[B, H, W, 2C]` -> (the mean part `[B, H, W, C]`, the
+    variance part or None); raises ValueError when it does not fit x and the variance type."""
     channels = x.shape[-1]
     expected = 2 * channels if self.learns_variance else channels
     if model_output.shape[:-1] != x.shape[:-1] or model_output.shape[-1] != expected:
@@ -336,7 +345,7 @@ class GaussianDiffusion:
     self, model_fn: ModelFn, x: Array, t: Array, clip_denoised: bool = True
   ) -> dict[str, Array]:
     """Mean, variance, log variance of p(x_{t-1} | x_t) and the predicted x_0, each `[B, ...]`."""
-    mean_output, var_output = self._split_output(model_fn(x, t), x)
+    mean_output, var_output = self.split_output(model_fn(x, t), x)
     variance, log_variance = self._variance(var_output, x, t)
     mean, pred_xstart = self._mean_from_output(mean_output, x, t, clip_denoised)
     return dict(mean=mean, variance=variance, log_variance=log_variance, pred_xstart=pred_xstart)
@@ -377,8 +386,7 @@ class GaussianDiffusion:
     self, model_fn: ModelFn, shape: tuple[int, ...], rng: Array, clip_denoised: bool = True
   ) -> Array:
     """Samples x_0 `shape` = [B, H, W, C] from x_T ~ N(0, I) through all T reverse steps."""
-    init_rng, loop_rng = _split(rng)
-    x_T = _normal(init_rng, shape)
+    x_T, loop_rng = draw_x_T(rng, shape)
     return self.p_sample_loop_from(model_fn, x_T, self.num_timesteps - 1, loop_rng, clip_denoised)
 
   def p_sample_loop_progressive(
@@ -396,8 +404,7 @@ class GaussianDiffusion:
     Uses the same noise as `p_sample_loop` for the same rng.
     """
     num_recorded = self.num_timesteps // include_xstartpred_freq
-    init_rng, loop_rng = _split(rng)
-    x_T = _normal(init_rng, shape)
+    x_T, loop_rng = draw_x_T(rng, shape)
     preds = jnp.zeros((shape[0], num_recorded) + tuple(shape[1:]), jnp.float32)
 
     def body(i, carry):
@@ -456,14 +463,13 @@ class GaussianDiffusion:
       k: jnp.asarray(v, jnp.float32) for k, v in self._ddim_coefficients(timesteps, eta).items()
     }
     ts = jnp.asarray(timesteps)
-    init_rng, loop_rng = _split(rng)
-    x_T = _normal(init_rng, shape)
+    x_T, loop_rng = draw_x_T(rng, shape)
 
     def body(i, x):
       j = len(timesteps) - 1 - i
       t = ts[j]
       t_b = jnp.full((shape[0],), t, dtype=jnp.int32)
-      mean_output, _ = self._split_output(model_fn(x, t_b), x)
+      mean_output, _ = self.split_output(model_fn(x, t_b), x)
       _, pred_xstart = self._mean_from_output(mean_output, x, t_b, clip_denoised)
       eps = self.predict_eps_from_xstart(x, t_b, pred_xstart)
       noise = _normal(_fold_in(loop_rng, t), shape)
@@ -531,7 +537,7 @@ class GaussianDiffusion:
     """The per-example training loss `[B]` for x_0 `[B, H, W, C]`, t `[B]`, noise like x_0."""
     x_t = self.q_sample(x_start, t, noise)
     model_output = model_fn(x_t, t)
-    mean_output, var_output = self._split_output(model_output, x_t)
+    mean_output, var_output = self.split_output(model_output, x_t)
     if self.loss_type == "kl":
       return self._vb_from_output(mean_output, var_output, x_start, x_t, t)
     target = {

@@ -39,6 +39,42 @@ def test_bad_configs_name_field_value_and_allowed(overrides, match):
     validate_config(tiny_digits_config(**overrides), device_count=4)
 
 
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
+    ({"sample.sampler": "plms"}, r"sample.sampler='plms'.*ancestral, ddim, dpm_solver, heun"),
+    ({"sample.sampler": "ddim", "sample.num_steps": 21}, r"sample.num_steps=21 .*T=20"),
+    ({"sample.sampler": "dpm_solver", "sample.order": 4}, r"sample.order=4 .*1, 2, 3"),
+    ({"sample.sampler": "heun", "sample.spacing": "leading"}, r"sample.spacing='leading'"),
+    (
+      {"sample.sampler": "dpm_solver", "sample.num_steps": 20},
+      r"config.sample \(dpm_solver, num_steps=20\): spacing 'linspace' with num_steps=20 "
+      r"repeats timesteps of the T=20 steps",
+    ),
+    (
+      {"sample.sampler": "heun", "sample.num_steps": 5, "diffusion.model_mean_type": "xprev"},
+      r"sample.sampler='heun' .*diffusion.model_mean_type='xprev'",
+    ),
+    (
+      {"sample.sampler": "heun", "sample.num_steps": 5, "diffusion.beta_schedule": "jsd"},
+      r"config.sample \(heun, num_steps=5\): The ODE solvers need abar_t > 0",
+    ),
+    ({"sample.eta": -0.5, "sample.sampler": "ddim", "sample.num_steps": 5}, r"sample.eta=-0.5"),
+  ],
+)
+def test_bad_sampler_settings_name_field_value_and_allowed(overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    validate_config(tiny_digits_config(**overrides), mode="sample")
+  validate_config(tiny_digits_config(**overrides), mode="train", device_count=4)  # Not read.
+
+
+def test_the_fast_samplers_validate():
+  for sampler, steps in (("dpm_solver", 19), ("heun", 20), ("ddim", 20)):
+    validate_config(
+      tiny_digits_config(**{"sample.sampler": sampler, "sample.num_steps": steps}), mode="sample"
+    )
+
+
 def test_the_shipped_configs_are_valid():
   import importlib
 

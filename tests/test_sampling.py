@@ -120,6 +120,10 @@ def test_other_settings_never_reuse_stale_samples(trained):
     "num_steps": 20,
     "eta": 1.0,
     "clip_denoised": True,
+    "order": 2,
+    "spacing": "linspace",
+    "karras": False,
+    "lower_order_final": True,
   }
   # Neither the batch size nor the number of samples changes the images: same directory.
   assert shards.run_sampling(config(**{"sample.batch_size": 3}), workdir) == base
@@ -160,11 +164,22 @@ def test_bad_shards_are_regenerated(trained, damage):
   assert {f for f in after if after[f] != before.get(f)} == {"shard_00001.npz"}
 
 
-def test_samples_do_not_depend_on_device_count_or_batch_size(trained):
+SAMPLERS = {
+  "ancestral": {},
+  "dpm_solver": {"sample.sampler": "dpm_solver", "sample.num_steps": 6, "sample.order": 3},
+  "heun": {"sample.sampler": "heun", "sample.num_steps": 4, "sample.karras_sigmas": True},
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_samples_do_not_depend_on_device_count_or_batch_size(trained, sampler):
   config, workdir = trained
-  directory = shards.run_sampling(config(), workdir)  # Batches of 4 over 4 devices.
+  directory = shards.run_sampling(config(**SAMPLERS[sampler]), workdir)  # Batches of 4, 4 devices.
   written = shards.load_samples(directory)
-  cfg = config()
+  before = mtimes(directory)
+  assert shards.run_sampling(config(**SAMPLERS[sampler]), workdir) == directory
+  assert mtimes(directory) == before  # Complete: nothing sampled again.
+  cfg = config(**SAMPLERS[sampler])
   bundle = model_bundle.ModelBundle.from_config(cfg)
   params, step = bundle.load_ema_params(workdir)
   assert step == 2
@@ -190,6 +205,13 @@ def test_ddim_and_strided_ancestral_samplers(trained):
     config(**{"sample.sampler": "ddim", "sample.num_steps": 5, "sample.eta": 0.0}), workdir
   )
   assert re.fullmatch(r"samples_step2_ddim_5steps_eta0_seed1_[0-9a-f]{8}", os.path.basename(ddim))
+  dpm = config(**{"sample.sampler": "dpm_solver", "sample.num_steps": 5, "sample.order": 3})
+  heun = config(**{"sample.sampler": "heun", "sample.num_steps": 5, "sample.spacing": "trailing"})
+  for cfg, name in ((dpm, "dpm_solver3_linspace_5steps_nfe5"), (heun, "heun_trailing_5steps_nfe9")):
+    directory = shards.run_sampling(cfg, workdir)
+    assert re.fullmatch(rf"samples_step2_{name}_seed1_[0-9a-f]{{8}}", os.path.basename(directory))
+    with open(os.path.join(directory, shards.MANIFEST_NAME)) as f:
+      assert json.load(f)["sampler"]["sampler"] == cfg.sample.sampler
   # Ancestral with fewer steps than T is DDIM with eta = 1 on the same 5 strided steps.
   strided_config = config(**{"sample.num_steps": 5, "sample.eta": 0.0})
   assert samplers.SamplerSpec.from_config(strided_config.sample, 20) == samplers.SamplerSpec(
@@ -247,6 +269,7 @@ def test_write_figures(trained):
     "shared_latents",
     "interpolation",
     "coarse_to_fine",
+    "samplers",
   }
   assert all(p.startswith(os.path.join(workdir, "figures", "step_2")) for p in paths.values())
   progressive = untile(paths["progressive_generation"], 4, 21)  # 20 snapshots + the sample.
@@ -262,6 +285,22 @@ def test_write_figures(trained):
   np.testing.assert_array_equal(interp[:, -1], image_grid.to_uint8(sources[1::2]))
   coarse = untile(paths["coarse_to_fine"], 5, 13)
   np.testing.assert_array_equal(coarse[:, 0], np.repeat(interp[:1, 0], 5, axis=0))
+  # Beyond the paper: samplers side by side from the same x_T; row 0 is Algorithm 2 (T = 20),
+  # row 1 DDIM with eta 0 at 19 steps (T - 1), as --mode=sample draws them.
+  specs = figures.comparison_specs(20, 20)
+  assert [(s.sampler, s.nfe) for s in specs] == [
+    ("ancestral", 20),
+    ("ddim", 19),
+    ("dpm_solver", 19),
+    ("dpm_solver", 19),
+    ("heun", 19),
+  ]
+  rows = untile(paths["samplers"], len(specs), 4)
+  assert_close_uint8(rows[0], progressive[:, -1])
+  ddim = cfg.copy_and_resolve_references()
+  ddim.sample.sampler, ddim.sample.num_steps, ddim.sample.eta = "ddim", 19, 0.0
+  assert_close_uint8(rows[1], shards.load_samples(shards.run_sampling(ddim, workdir), 4))
+  assert np.mean(rows[2] != rows[0]) > 0.1  # The ODE's samples are not the stochastic chain's.
 
 
 def test_interpolation_endpoints_are_reconstructions(trained):

@@ -37,7 +37,8 @@ def _copy_of_the_repository(dest) -> str:
   with open(os.path.join(venv_bin, "python"), "w") as f:
     f.write(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
   os.chmod(os.path.join(venv_bin, "python"), 0o755)
-  open(os.path.join(dest, "venv", ".ddpm_jax-installed"), "w").close()  # Newer than setup.py.
+  with open(os.path.join(dest, "venv", ".ddpm_jax-installed"), "w") as f:  # Newer than setup.py.
+    f.write(os.environ.get("DDPM_JAX_EXTRAS", "cpu,test") + "\n")
   return os.path.join(dest, "venv")
 
 

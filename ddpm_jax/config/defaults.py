@@ -73,9 +73,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 50_000
   sample.batch_size = 256
-  sample.sampler = "ancestral"  # ancestral | ddim
-  sample.num_steps = 1000
-  sample.eta = 1.0
+  # ancestral (the paper's, Algorithm 2) | ddim | dpm_solver (DPM-Solver++) | heun (EDM).
+  sample.sampler = "ancestral"
+  sample.num_steps = 1000  # Network evaluations: heun's are 2 * num_steps - 1.
+  sample.eta = 1.0  # ddim: the noise of each step (0: deterministic).
+  sample.order = 2  # dpm_solver: 1 (DDIM with eta 0), 2 or 3.
+  sample.spacing = "linspace"  # dpm_solver, heun: the times as diffusers spaces them (or trailing).
+  sample.karras_sigmas = False  # dpm_solver, heun: Karras et al.'s noise levels instead.
+  sample.lower_order_final = True  # dpm_solver: lower orders in the last steps (< 15 steps).
   sample.clip_denoised = True
   sample.checkpoint_step = -1  # -1: latest.
   sample.seed = 1

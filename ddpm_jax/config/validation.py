@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, solvers
 from ddpm_jax.data.specs import DATA_SOURCES, DATASETS
 from ddpm_jax.models.convolution import CONV_IMPLS
 
 DTYPES = ("float32", "bfloat16")
-SAMPLERS = ("ancestral", "ddim")
 MODES = ("train", "sample", "eval", "figures")
 
 
@@ -115,7 +114,7 @@ def check_sampling(config) -> None:
   """The fields of `config.sample` that `--mode=sample` (and the FID of `--mode=eval`) use."""
   for field in ("sample.num_samples", "sample.batch_size", "sample.num_steps"):
     _check_positive(config, field)
-  _check_choice(config, "sample.sampler", SAMPLERS)
+  _check_choice(config, "sample.sampler", solvers.SAMPLERS)
   sample, num_timesteps = config.sample, config.diffusion.num_timesteps
   if sample.sampler == "ddim" and sample.num_steps > num_timesteps:
     _fail(
@@ -125,12 +124,42 @@ def check_sampling(config) -> None:
     )
   if not sample.eta >= 0:
     _fail("sample.eta", sample.eta, "it must be >= 0")
+  if sample.sampler in solvers.SOLVERS:
+    _check_solver(config)
   if isinstance(sample.checkpoint_step, bool) or not isinstance(sample.checkpoint_step, int):
     _fail(
       "sample.checkpoint_step",
       sample.checkpoint_step,
       "it must be an integer (a step, or -1 for the latest)",
     )
+
+
+def _check_solver(config) -> None:
+  """DPM-Solver++ and Heun: their fields, and a plan over the diffusion's noise levels."""
+  sample = config.sample
+  if sample.sampler == "dpm_solver":
+    _check_choice(config, "sample.order", (1, 2, 3))
+  _check_choice(config, "sample.spacing", solvers.SPACINGS)
+  if sample.sampler == "heun" and config.diffusion.model_mean_type == "xprev":
+    _fail(
+      "sample.sampler",
+      sample.sampler,
+      "Heun needs the denoised x_0 at fractional times, which a model predicting x_{t-1} "
+      "(diffusion.model_mean_type='xprev') cannot give; use dpm_solver, ddim or ancestral",
+    )
+  spec = solvers.SolverSpec(
+    sample.sampler,
+    sample.num_steps,
+    int(sample.order),
+    sample.spacing,
+    sample.karras_sigmas,
+    sample.lower_order_final,
+  )
+  try:
+    spec.plan(diffusion.create_diffusion(**config.diffusion.to_dict()))
+  except ValueError as e:
+    message = f"config.sample ({sample.sampler}, num_steps={sample.num_steps}): {e}"
+    raise ConfigError(message) from None
 
 
 def _check_eval(config) -> None:

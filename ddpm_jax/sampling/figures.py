@@ -15,6 +15,12 @@ k in {1, 0.75, 0.5, 0.25} (`scaled_timestep`), e.g. 999, 749, 499, 249 for T = 1
                               (reconstruction of a), 0.1, ..., 0.9, 1 (reconstruction of b),
                               source b; the same noise for every lambda.
   coarse_to_fine.png          Fig. 9: the first pair, as in Fig. 8, at t = 0, 249, 499, 749, 999.
+and, beyond the paper:
+  samplers.png                the first samples from the same x_T, one row per sampler
+                              (`comparison_specs`): the paper's 1000-step chain, then the ODE
+                              samplers (DDIM with eta 0, DPM-Solver++, Heun) at about
+                              `sample.num_steps` network evaluations (20 for the ancestral
+                              default), whose samples all approach the probability-flow ODE's.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import numpy as np
 from ddpm_jax import image_grid, model_bundle
 from ddpm_jax.config.validation import validate_config
 from ddpm_jax.diffusion import GaussianDiffusion
-from ddpm_jax.sampling.samplers import sample_keys
+from ddpm_jax.sampling.samplers import SamplerSpec, make_chain_fn, sample_keys
 
 SHARED_LATENT_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 INTERPOLATION_FRACTION = 0.5
@@ -200,7 +206,48 @@ def interpolation(
   return image_grid.to_uint8(jnp.stack(rows))
 
 
-# -- All four. ---------------------------------------------------------------------------------
+# -- Beyond the paper: samplers side by side. ----------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("diffusion", "model", "image_shape", "spec"))
+def _chain(params, keys, *, diffusion, model, image_shape, spec):
+  chain = make_chain_fn(diffusion, spec)
+  return chain(_model_fn(model, params), (keys.shape[0], *image_shape), keys)
+
+
+def comparison_specs(num_timesteps: int, nfe: int, clip_denoised: bool = True) -> list[SamplerSpec]:
+  """The rows of `sampler_comparison`: Algorithm 2 over all T steps, then DDIM (eta 0),
+  DPM-Solver++ (orders 2 and 3) and Heun at about `nfe` network evaluations."""
+  nfe = min(nfe, num_timesteps - 1)
+  return [
+    SamplerSpec("ancestral", num_timesteps, 1.0, clip_denoised),
+    SamplerSpec("ddim", nfe, 0.0, clip_denoised),
+    SamplerSpec("dpm_solver", nfe, 0.0, clip_denoised, order=2),
+    SamplerSpec("dpm_solver", nfe, 0.0, clip_denoised, order=3),
+    SamplerSpec("heun", (nfe + 1) // 2, 0.0, clip_denoised),
+  ]
+
+
+def sampler_comparison(
+  diffusion: GaussianDiffusion,
+  model: nn.Module,
+  params: Any,
+  keys: jax.Array,
+  image_shape: tuple[int, int, int],
+  specs: Sequence[SamplerSpec],
+) -> np.ndarray:
+  """keys `[N, 2]` -> uint8 `[len(specs), N, H, W, C]`: row r holds the N samples of `specs[r]`,
+  every row from the same x_T (the keys' `diffusion.draw_x_T`)."""
+  rows = [
+    _chain(
+      params, keys, diffusion=diffusion, model=model, image_shape=tuple(image_shape), spec=spec
+    )
+    for spec in specs
+  ]
+  return image_grid.to_uint8(jnp.stack(rows))
+
+
+# -- All of them. ---------------------------------------------------------------------------------
 
 
 def eval_images(config: ml_collections.ConfigDict, num_images: int) -> np.ndarray:
@@ -233,8 +280,9 @@ def figure_tables(
   num_samples: int = 8,
   num_chains: int = 6,
   clip_denoised: bool = True,
+  comparison_nfe: int = 20,
 ) -> dict[str, np.ndarray]:
-  """The four figures' tables (see the module docstring). source_images `[2P, H, W, C]` in
+  """The figures' tables (see the module docstring). source_images `[2P, H, W, C]` in
   [-1, 1]: image 0 for Fig. 7, pairs (2i, 2i + 1) for Fig. 8, pair (0, 1) for Fig. 9."""
   source_images = np.asarray(source_images, np.float32)
   if len(source_images) < 2 or len(source_images) % 2:
@@ -245,7 +293,9 @@ def figure_tables(
   common = dict(clip_denoised=clip_denoised)
   pairs_a, pairs_b = source_images[0::2], source_images[1::2]
   keys = sample_keys(rng, 0, num_samples)  # The first samples of run_sampling's seed.
+  specs = comparison_specs(num_t, comparison_nfe, clip_denoised)
   return {
+    "samplers": sampler_comparison(diffusion, model, params, keys, source_images.shape[1:], specs),
     "progressive_generation": progressive_generation(
       diffusion, model, params, keys, source_images.shape[1:], **common
     ),
@@ -282,6 +332,13 @@ def figure_tables(
   }
 
 
+def _comparison_nfe(config: ml_collections.ConfigDict) -> int:
+  """`sample.num_steps` when it asks a fast sampler for fewer steps than T, else 20."""
+  sample = config.sample
+  fast = sample.sampler != "ancestral" and sample.num_steps < config.diffusion.num_timesteps
+  return sample.num_steps if fast else 20
+
+
 def write_figures(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -293,7 +350,7 @@ def write_figures(
   num_samples: int = 8,
   num_chains: int = 6,
 ) -> dict[str, str]:
-  """Writes the four figures as PNGs; returns {name: path}.
+  """Writes the figures as PNGs; returns {name: path}.
 
   Without `ema_params`, restores those of `sample.checkpoint_step` (-1: latest) from `workdir`.
   The source images default to the first 2 num_pairs of the eval split. The PNGs go to
@@ -315,6 +372,7 @@ def write_figures(
     num_samples=num_samples,
     num_chains=num_chains,
     clip_denoised=config.sample.clip_denoised,
+    comparison_nfe=_comparison_nfe(config),
   )
   directory = os.path.join(workdir, "figures", "" if step is None else f"step_{step}")
   paths = {name: os.path.join(directory, f"{name}.png") for name in tables}

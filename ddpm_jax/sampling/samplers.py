@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import parallel
+from ddpm_jax import parallel, solvers
 from ddpm_jax.diffusion import GaussianDiffusion
 from ddpm_jax.parallel import AXIS
 from ddpm_jax.runtime import xla_flags
@@ -36,37 +36,109 @@ def sample_keys(rng: jax.Array, start: int, count: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-  """What the reverse chain does: `sampler` ('ancestral' | 'ddim'), steps, eta, clipping."""
+  """What the reverse chain does: `sampler` (one of `SAMPLERS`) over `num_steps` steps.
+
+  `eta`: DDIM's noise (ancestral: 1). `clip_denoised`: clip each predicted x_0 to [-1, 1].
+  DPM-Solver++ and Heun (`solvers`): `order` (dpm_solver: 1, 2 or 3), `spacing` ('linspace' |
+  'trailing'), `karras` (Karras et al.'s noise levels), `lower_order_final` (dpm_solver); the
+  other samplers keep these at their defaults, so that equal chains have equal specs.
+  """
 
   sampler: str
   num_steps: int
-  eta: float
+  eta: float = 0.0
   clip_denoised: bool = True
+  order: int = 2
+  spacing: str = "linspace"
+  karras: bool = False
+  lower_order_final: bool = True
 
   @classmethod
   def from_config(cls, sample: ml_collections.ConfigDict, num_timesteps: int) -> SamplerSpec:
     """The spec of a (validated) `config.sample`. `ancestral` with `num_steps` >= T is Algorithm
     2 itself; with fewer steps it is the strided ancestral sampler, DDIM with eta = 1."""
+    clip = bool(sample.clip_denoised)
     if sample.sampler == "ancestral":
-      return cls("ancestral", min(sample.num_steps, num_timesteps), 1.0, bool(sample.clip_denoised))
-    return cls("ddim", sample.num_steps, float(sample.eta), bool(sample.clip_denoised))
+      return cls("ancestral", min(sample.num_steps, num_timesteps), 1.0, clip)
+    if sample.sampler == "ddim":
+      return cls("ddim", sample.num_steps, float(sample.eta), clip)
+    order = int(sample.order) if sample.sampler == "dpm_solver" else 2
+    lower_order_final = bool(sample.lower_order_final) if sample.sampler == "dpm_solver" else True
+    return cls(
+      sample.sampler,
+      sample.num_steps,
+      0.0,
+      clip,
+      order,
+      sample.spacing,
+      bool(sample.karras_sigmas),
+      lower_order_final,
+    )
+
+  @property
+  def nfe(self) -> int:
+    """Network evaluations per image (`solvers.num_function_evals`)."""
+    return solvers.num_function_evals(self.sampler, self.num_steps)
+
+  def solver_spec(self) -> solvers.SolverSpec:
+    return solvers.SolverSpec(
+      self.sampler,
+      self.num_steps,
+      self.order,
+      self.spacing,
+      self.karras,
+      self.lower_order_final,
+      self.clip_denoised,
+    )
 
   def dirname(self, step: int, seed: int) -> str:
-    """The output directory name, e.g. `samples_step800000_ddim_50steps_eta0_seed1`."""
-    eta = "" if self.sampler == "ancestral" else f"_eta{self.eta:g}"
+    """The output directory name, e.g. `samples_step800000_ddim_50steps_eta0_seed1` or
+    `samples_step800000_dpm_solver2_linspace_20steps_nfe20_seed1`."""
+    if self.sampler == "ancestral":
+      kind = "ancestral"
+    elif self.sampler == "ddim":
+      kind = "ddim"
+    else:
+      order = str(self.order) if self.sampler == "dpm_solver" else ""
+      final = "" if self.lower_order_final or self.sampler == "heun" else "_fullorder"
+      kind = f"{self.sampler}{order}_{self.spacing}{'_karras' if self.karras else ''}{final}"
+    eta = f"_eta{self.eta:g}" if self.sampler == "ddim" else ""
+    nfe = f"_nfe{self.nfe}" if self.sampler in solvers.SOLVERS else ""
     clip = "" if self.clip_denoised else "_noclip"
-    return f"samples_step{step}_{self.sampler}_{self.num_steps}steps{eta}_seed{seed}{clip}"
+    return f"samples_step{step}_{kind}_{self.num_steps}steps{eta}{nfe}_seed{seed}{clip}"
+
+
+def _ancestral(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
+  if spec.num_steps < diffusion.num_timesteps:
+    return _ddim(diffusion, spec)
+  return lambda model_fn, shape, keys: diffusion.p_sample_loop(
+    model_fn, shape, keys, spec.clip_denoised
+  )
+
+
+def _ddim(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
+  return lambda model_fn, shape, keys: diffusion.ddim_sample_loop(
+    model_fn, shape, keys, num_steps=spec.num_steps, eta=spec.eta, clip_denoised=spec.clip_denoised
+  )
+
+
+def _ode_solver(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
+  return solvers.make_solver(diffusion, spec.solver_spec())
+
+
+# sampler name -> (diffusion, spec) -> chain(model_fn, shape, keys [B, 2]) -> x_0 [B, H, W, C].
+CHAINS: dict[str, Callable[[GaussianDiffusion, SamplerSpec], Callable]] = {
+  "ancestral": _ancestral,
+  "ddim": _ddim,
+  "dpm_solver": _ode_solver,
+  "heun": _ode_solver,
+}
+SAMPLERS = tuple(CHAINS)
 
 
 def make_chain_fn(diffusion: GaussianDiffusion, spec: SamplerSpec) -> Callable:
   """`chain(model_fn, shape, keys [B, 2]) -> x0 [B, H, W, C]` for the sampler of `spec`."""
-  if spec.sampler == "ancestral" and spec.num_steps == diffusion.num_timesteps:
-    return lambda model_fn, shape, keys: diffusion.p_sample_loop(
-      model_fn, shape, keys, spec.clip_denoised
-    )
-  return lambda model_fn, shape, keys: diffusion.ddim_sample_loop(
-    model_fn, shape, keys, num_steps=spec.num_steps, eta=spec.eta, clip_denoised=spec.clip_denoised
-  )
+  return CHAINS[spec.sampler](diffusion, spec)
 
 
 class ChainProgress:
