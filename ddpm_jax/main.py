@@ -120,7 +120,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
   if "ddpm_jax.data.pipeline" in sys.modules:
     from ddpm_jax.data import pipeline
 
-    errors.append(pipeline.DatasetNotPreparedError)
+    errors += [pipeline.DatasetNotPreparedError, pipeline.LabelsError]
   return tuple(errors)
 
 

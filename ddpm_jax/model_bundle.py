@@ -47,6 +47,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
     param_dtype=jnp.dtype(m.param_dtype),
     remat=m.remat,
     conv_impl=m.conv_impl,
+    num_classes=m.num_classes,
   )
 
 
@@ -59,7 +60,8 @@ def init_params(model: UNet, config: ml_collections.ConfigDict, rng: jax.Array) 
   """Fresh U-Net params, initialised from `rng` with a batch of one."""
   x = jnp.zeros((1, *image_shape(config)), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  return model.init({"params": rng}, x, t, train=False)["params"]
+  y = jnp.zeros((1,), jnp.int32) if model.num_classes else None  # Creates the class embedding.
+  return model.init({"params": rng}, x, t, train=False, y=y)["params"]
 
 
 def abstract_params(config: ml_collections.ConfigDict) -> Any:

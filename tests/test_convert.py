@@ -1,5 +1,6 @@
 """Importing the official weights: TF1 checkpoints and diffusers' UNet2DModel, names and outputs."""
 
+import importlib
 import math
 import os
 import subprocess
@@ -337,16 +338,18 @@ def test_mismatched_weights_end_in_one_message_naming_every_problem(tf_checkpoin
   )
 
 
-def test_the_error_names_the_config_of_full_size_weights():
-  """A CIFAR-10 state dict (shapes only) against the wrong config names configs/cifar10.py."""
-  shapes = matching.variable_shapes(cifar10.get_config())
+@pytest.mark.parametrize("name", ["cifar10", "cifar10_conditional"])
+def test_the_error_names_the_config_of_full_size_weights(name):
+  """A CIFAR-10 state dict (shapes only) against the wrong config names its config: the
+  class-conditional one when the weights hold a class embedding."""
+  shapes = matching.variable_shapes(importlib.import_module(f"configs.{name}").get_config())
   state_dict = {
     diffusers_weights.diffusers_key(p, 4): np.broadcast_to(
       np.float32(0), diffusers_weights.torch_shape(p, tuple(s.shape))
     )
     for p, s in shapes.items()
   }
-  with pytest.raises(convert.ConversionError, match=r"with --config=configs/cifar10\.py\.$"):
+  with pytest.raises(convert.ConversionError, match=rf"with --config=configs/{name}\.py\.$"):
     convert.from_diffusers(state_dict, tiny_config())
 
 

@@ -1,7 +1,9 @@
 """Tests of ddpm_jax.data (the pipeline and the datasets) on offline data.
 
 The embedded digits (prepared once per session), `tfds.testing.mock_data` for CIFAR-10, tiny
-StyleGAN TFRecords and PNG folders written into tmp_path.
+StyleGAN TFRecords and PNG folders written into tmp_path. Labels are checked against the image
+they come with: at 8x8 every train digit (and its mirror image) is distinct, mocked CIFAR-10
+images are random, and the test folders' images encode their class in their pixel value.
 """
 
 import collections
@@ -13,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import default
-from ddpm_jax.data import digits_tfds, lsun_tfrecords, pipeline
+from ddpm_jax.data import digits, digits_tfds, lsun_tfrecords, pipeline
 
 
 def make_config(dataset="digits", data_dir="", image_size=16, num_channels=1, batch_size=100):
@@ -85,7 +87,12 @@ def test_digits_builder_matches_sklearn(digits_dir):
 
 def test_dataset_info(digits_dir):
   info = pipeline.get_dataset_info(make_config(data_dir=digits_dir))
-  assert info == {"image_shape": (16, 16, 1), "num_train_examples": 1500, "num_eval_examples": 297}
+  assert info == {
+    "image_shape": (16, 16, 1),
+    "num_train_examples": 1500,
+    "num_eval_examples": 297,
+    "num_classes": 10,
+  }
 
 
 # ----------------------------------------------------------------------------- train stream
@@ -274,6 +281,221 @@ def test_image_folder(tmp_path):
   np.testing.assert_array_equal(to_uint8(images[2]), np.repeat(gray[..., None], 3, axis=-1))
   batch = next(pipeline.create_train_dataset(config, process_index=0, process_count=1))
   assert batch.shape == (2, 8, 8, 3) and batch.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def digit_labels() -> dict[bytes, int]:
+  """{uint8 8x8 image bytes: label} of the train digits, as stored and mirrored (all distinct)."""
+  images, labels = digits.load_digits_uint8()
+  table = {}
+  for image, label in zip(images[: digits.NUM_TRAIN], labels[: digits.NUM_TRAIN], strict=True):
+    table[image.tobytes()] = table[image[:, ::-1].tobytes()] = int(label)
+  assert len(table) == 2 * digits.NUM_TRAIN
+  return table
+
+
+def assert_same_batches(labelled, expected_images, expected_labels=None):
+  """`labelled` (images, labels) batches hold exactly `expected_images` (and labels)."""
+  assert len(labelled) == len(expected_images)
+  for step, (images, labels) in enumerate(labelled):
+    assert images.dtype == np.float32 and images.tobytes() == expected_images[step].tobytes()
+    assert labels.dtype == np.int32 and labels.shape == (len(images),)
+    if expected_labels is not None:
+      np.testing.assert_array_equal(labels, expected_labels[step])
+
+
+@pytest.mark.parametrize("process_index,process_count,buffer", [(0, 1, 10_000), (1, 2, 300)])
+def test_digit_labels_ride_with_their_images(digits_dir, process_index, process_count, buffer):
+  # 8x8: no resize, so each yielded image is a train digit, mirrored where flipped. A full shuffle
+  # (one process) or a 300-example buffer after the stored order (two), flips on, and an epoch
+  # ends inside the last steps, which a resumed stream crosses.
+  config = make_config(data_dir=digits_dir, image_size=8, batch_size=100 * process_count)
+  config.data.shuffle_buffer = buffer
+  kwargs = dict(process_index=process_index, process_count=process_count)
+  steps = digits.NUM_TRAIN // process_count // 100 + 2
+  plain = take(pipeline.create_train_dataset(config, **kwargs), steps)
+  labelled = take(pipeline.create_train_dataset(config, labels=True, **kwargs), steps)
+  table = digit_labels()
+  expected = [[table[image.tobytes()] for image in to_uint8(images)] for images in plain]
+  assert_same_batches(labelled, plain, expected)
+  assert set(np.concatenate(expected)) == set(range(10))
+  start = steps - 3
+  resumed = take(pipeline.create_train_dataset(config, start_step=start, labels=True, **kwargs), 3)
+  assert_same_batches(resumed, plain[start:], expected[start:])
+
+
+def test_processes_label_streams_partition_the_labelled_split(digits_dir):
+  config = make_config(data_dir=digits_dir, image_size=8, batch_size=500)
+  config.data.num_shards = 4  # Two shards per process, whose labels are concatenated too.
+  config.data.random_flip = False
+  images, labels = digits.load_digits_uint8()
+  everything = collections.Counter(
+    (image.tobytes(), int(label))
+    for image, label in zip(images[: digits.NUM_TRAIN], labels[: digits.NUM_TRAIN], strict=True)
+  )
+  parts = []
+  for process_index in range(2):
+    # 3 steps of 2 x 125 = one epoch of each of the process's two 375-example shards.
+    kwargs = dict(process_index=process_index, process_count=2)
+    labelled = take(pipeline.create_train_dataset(config, labels=True, **kwargs), 3)
+    parts.append(
+      collections.Counter(
+        (image.tobytes(), int(label))
+        for batch, batch_labels in labelled
+        for image, label in zip(to_uint8(batch), batch_labels, strict=True)
+      )
+    )
+  assert parts[0] + parts[1] == everything
+  # Process 1's images are those of its labels=False stream.
+  assert_same_batches(labelled, take(pipeline.create_train_dataset(config, **kwargs), 3))
+
+
+def test_cifar10_mock_labels_ride_with_their_images(tmp_path):
+  config = make_config("cifar10", tmp_path, image_size=32, num_channels=3, batch_size=8)
+  kwargs = dict(process_index=0, process_count=1, labels=True)
+  with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path)):
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    examples = list(tfds.as_numpy(builder.as_dataset(split="train")))
+    labelled = take(pipeline.create_train_dataset(config, **kwargs), 5)  # Two epochs of 20.
+    resumed = take(pipeline.create_train_dataset(config, start_step=2, **kwargs), 3)
+  table = {}
+  for example in examples:  # Mock labels: random in [0, 10), fixed per (random) image.
+    image, label = example["image"], int(example["label"])
+    table[image.tobytes()] = table[image[:, ::-1].tobytes()] = label
+  assert len(table) == 40
+  for images, labels in labelled:
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, [table[image.tobytes()] for image in to_uint8(images)])
+  assert len(set(np.concatenate([labels for _, labels in labelled]))) > 3
+  assert_same_batches(resumed, *zip(*labelled[2:], strict=True))
+
+
+def write_class_folders(root) -> dict[int, int]:
+  """Class sub-folders of 4x4 grayscale PNGs, each image's value 50 * k + i encoding k, its class's
+  index in sorted name order ('Moth' < 'ant' < 'zebra'); returns {value: k}."""
+  expected = {}
+  for name, index, count in (("zebra", 2, 5), ("ant", 1, 4), ("Moth", 0, 3)):
+    for i in range(count):
+      folder = root / name / ("deep" if i == 4 else "")  # Any depth below the class folder.
+      folder.mkdir(parents=True, exist_ok=True)
+      value = 50 * index + i
+      Image.fromarray(np.full((4, 4), value, np.uint8), mode="L").save(folder / f"{i}.png")
+      expected[value] = index
+  (root / "empty").mkdir()  # Holds no image: not a class.
+  (root / "ant" / "notes.txt").write_text("not an image")
+  return expected
+
+
+def labelled_values(batches) -> list[tuple[int, int]]:
+  """(pixel value, label) of each image of `batches` of constant 4x4 images."""
+  return [
+    (int(image[0, 0, 0]), int(label))
+    for images, labels in batches
+    for image, label in zip(to_uint8(images), labels, strict=True)
+  ]
+
+
+def test_image_folder_class_subfolders_give_sorted_name_indices(tmp_path):
+  expected = write_class_folders(tmp_path)
+  config = make_config("folder", tmp_path, image_size=4, num_channels=1, batch_size=4)
+  assert pipeline.num_classes(config) == 3
+  assert pipeline.get_dataset_info(config)["num_classes"] == 3
+  parts = []
+  for process_index in range(2):  # 12 images: one epoch of a process is 3 steps of 2.
+    kwargs = dict(process_index=process_index, process_count=2)
+    labelled = take(pipeline.create_train_dataset(config, labels=True, **kwargs), 5)
+    assert_same_batches(labelled, take(pipeline.create_train_dataset(config, **kwargs), 5))
+    resumed = take(pipeline.create_train_dataset(config, start_step=2, labels=True, **kwargs), 3)
+    assert_same_batches(resumed, *zip(*labelled[2:], strict=True))
+    parts.append(labelled_values(labelled[:3]))
+  assert sorted(parts[0] + parts[1]) == sorted(expected.items())
+  assert set(parts[0]).isdisjoint(parts[1])
+
+
+def test_image_folder_with_top_level_images_has_no_labels(tmp_path):
+  write_class_folders(tmp_path)
+  Image.fromarray(np.zeros((4, 4), np.uint8), mode="L").save(tmp_path / "stray.png")
+  config = make_config("folder", tmp_path, image_size=4, num_channels=1, batch_size=4)
+  assert pipeline.num_classes(config) == 0
+  with pytest.raises(pipeline.LabelsError, match="no class labels to yield.*holds 1 of them"):
+    pipeline.create_train_dataset(config, process_index=0, process_count=1, labels=True)
+  batch = next(pipeline.create_train_dataset(config, process_index=0, process_count=1))
+  assert batch.shape == (4, 4, 4, 1)  # Unconditional training still reads all 13 images.
+
+
+def test_num_classes_of_each_source(tmp_path, digits_dir):
+  assert pipeline.num_classes(make_config(data_dir=digits_dir)) == 10
+  assert pipeline.num_classes(make_config("cifar10", tmp_path)) == 10  # Metadata: not prepared.
+  for dataset in ("celeb_a_hq", "lsun_church", "lsun_bedroom", "lsun_cat"):
+    assert pipeline.num_classes(make_config(dataset, tmp_path)) == 0, dataset
+  write_stylegan_file(tmp_path / "x-r02.tfrecords", np.zeros((2, 3, 4, 4), np.uint8))
+  config = make_config("lsun_cat", tmp_path / "*.tfrecords")
+  config.data.source = "tfrecords"
+  assert pipeline.num_classes(config) == 0
+  with pytest.raises(pipeline.LabelsError, match="StyleGAN TFRecords hold images only"):
+    pipeline.create_train_dataset(config, process_index=0, process_count=1, labels=True)
+  assert pipeline.num_classes(make_config("folder", tmp_path / "missing")) == 0
+  Image.fromarray(np.zeros((4, 4), np.uint8), mode="L").save(tmp_path / "flat.png")
+  assert pipeline.num_classes(make_config("folder", tmp_path)) == 0  # Top-level images only.
+
+
+def check_labels_message(config, num_classes) -> str:
+  config.model.num_classes = num_classes
+  with pytest.raises(pipeline.LabelsError) as error:
+    pipeline.check_labels(config)
+  message = str(error.value)
+  assert "\n" not in message and f"model.num_classes={num_classes} " in message
+  return message
+
+
+def test_check_labels(tmp_path, digits_dir):
+  config = make_config("celeb_a_hq", tmp_path)
+  pipeline.check_labels(config)  # Unconditional, with or without a model.num_classes field.
+  config.model.num_classes = 0
+  pipeline.check_labels(config)  # Unconditional: any dataset.
+  assert check_labels_message(config, 10) == (
+    "model.num_classes=10 needs class labels, but dataset celeb_a_hq has none: TFDS "
+    "celeb_a_hq/256 has no 'label' feature. Set --config.model.num_classes=0 to train "
+    "unconditionally."
+  )
+  config = make_config("lsun_church", tmp_path / "*.tfrecords")
+  config.data.source = "tfrecords"
+  message = check_labels_message(config, 3)
+  assert "dataset lsun_church has none: StyleGAN TFRecords" in message
+  config = make_config("cifar10", tmp_path)
+  config.model.num_classes = 10
+  pipeline.check_labels(config)  # Metadata only: the data need not be prepared yet.
+  assert check_labels_message(config, 100) == (
+    "model.num_classes=100 does not match dataset cifar10: TFDS cifar10 has 10 classes. "
+    "Set --config.model.num_classes=10."
+  )
+  message = check_labels_message(make_config(data_dir=digits_dir), 9)
+  assert "dataset digits: TFDS ddpm_digits has 10 classes" in message
+  assert message.endswith("Set --config.model.num_classes=10.")
+
+
+def test_check_labels_of_image_folders(tmp_path):
+  folder = tmp_path / "classes"
+  write_class_folders(folder)
+  config = make_config("folder", folder)
+  config.model.num_classes = 3
+  pipeline.check_labels(config)
+  message = check_labels_message(config, 4)
+  assert f"dataset folder: {folder} has 3 class sub-folders (Moth, ant, zebra)" in message
+  assert message.endswith("Set --config.model.num_classes=3.")
+  Image.fromarray(np.zeros((4, 4), np.uint8), mode="L").save(folder / "stray.png")
+  message = check_labels_message(config, 3)
+  assert f"every image is in a class sub-folder ({folder}/<class>/...), but {folder} itself " in (
+    message
+  )
+  assert message.endswith(
+    "holds 1 of them. Set --config.model.num_classes=0 to train unconditionally."
+  )
+  config.data.data_dir = str(tmp_path / "missing")
+  with pytest.raises(pipeline.DatasetNotPreparedError, match="missing"):
+    pipeline.check_labels(config)  # No images at all is not a labels problem.
 
 
 # ----------------------------------------------------------------------------- errors

@@ -417,3 +417,28 @@ def test_attention_block_matches_numpy():
   expected = x + nin(w @ v, "proj_out").reshape(b, hh, ww, c)
   assert np.max(np.abs(expected - x)) > 0.1  # the attention path contributes
   np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4)
+
+
+# 8. class conditioning
+def test_the_null_class_is_the_unconditional_model_and_labels_change_the_output():
+  """A conditional UNet with labels: num_classes learned embeddings added to the timestep
+  embedding; the null class (y = num_classes) adds nothing, as y = None does."""
+  model = UNet(**TINY, num_classes=3)
+  x, t = _inputs()
+  y = jnp.array([0, 2], jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, y=y))["params"]
+  assert shapes["class_embed"]["embedding"].shape == (3, 4 * TINY["ch"])
+  params = {"params": _perturb(shapes)}
+  unconditional = model.apply(params, x, t)
+  null = model.apply(params, x, t, y=jnp.full((2,), 3, jnp.int32))
+  np.testing.assert_array_equal(np.asarray(null), np.asarray(unconditional))
+  labelled = model.apply(params, x, t, y=y)
+  assert float(jnp.max(jnp.abs(labelled - unconditional))) > 1e-3
+  other = model.apply(params, x, t, y=jnp.array([1, 2], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(other[1]), np.asarray(labelled[1]))  # Per example.
+  assert float(jnp.max(jnp.abs(other[0] - labelled[0]))) > 1e-3
+  # num_classes = 0 keeps every paper model exactly: no class parameters, labels refused.
+  plain = jax.eval_shape(UNet(**TINY).init, jax.random.key(0), x, t)["params"]
+  assert set(shapes) - set(plain) == {"class_embed"}
+  with pytest.raises(ValueError, match="need a class-conditional UNet"):
+    UNet(**TINY).apply({"params": _perturb(plain)}, x, t, y=y)

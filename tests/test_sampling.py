@@ -5,6 +5,7 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_digits_config
@@ -330,3 +331,92 @@ def test_interpolation_endpoints_are_reconstructions(trained):
     return diffusion.p_sample_loop_from(model_fn, x_t, t, loop_rng[None])
 
   assert_close_uint8(image_grid.to_uint8(reconstruct(params, images[:1]))[0], lam0)
+
+
+# -- Class conditioning and classifier-free guidance. ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def conditional():
+  """A tiny class-conditional digits model (3 classes) with random weights, replicated."""
+  cfg = tiny_digits_config(**{"model.num_classes": 3, "model.dropout": 0.0})
+  bundle = model_bundle.ModelBundle.from_config(cfg)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda x: (0.2 * rng.standard_normal(x.shape)).astype(x.dtype),
+    model_bundle.abstract_params(cfg),
+  )
+  return cfg, bundle, jax.device_put(params, parallel.replicated(bundle.mesh))
+
+
+def test_guidance_is_one_batched_forward_of_the_two_predictions(conditional):
+  cfg, bundle, params = conditional
+  d, model = bundle.diffusion, bundle.model
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  t = jnp.array([3, 7, 11, 19], jnp.int32)
+  y = jnp.array([0, 1, 2, 1], jnp.int32)
+  calls = []
+
+  def apply(x, t, y):
+    calls.append(x.shape[0])
+    return model.apply({"params": params}, x, t, y=y)
+
+  guided = samplers.guided_model_fn(apply, d, y, 3, 2.5)(x, t)
+  assert calls == [8]  # One forward pass of 2B.
+  eps_c, eps_u = apply(x, t, y), apply(x, t, jnp.full((4,), 3, jnp.int32))
+  np.testing.assert_allclose(guided, 3.5 * eps_c - 2.5 * eps_u, atol=2e-5)
+  assert float(jnp.max(jnp.abs(guided - eps_c))) > 1e-2
+  # Scale 0 is the conditional model itself: one forward of B, the same values.
+  calls.clear()
+  np.testing.assert_array_equal(samplers.guided_model_fn(apply, d, y, 3, 0.0)(x, t), eps_c)
+  assert calls == [4]
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "dpm_solver"])
+def test_guided_sampling_with_scale_0_is_the_conditional_sampler(conditional, sampler):
+  cfg, bundle, params = conditional
+  spec = samplers.SamplerSpec(sampler, 20 if sampler == "ancestral" else 8)
+  keys = samplers.sample_keys(jax.random.PRNGKey(1), 0, 6)
+  labels = samplers.sample_labels(cfg.sample, 3, 0, 6)
+  np.testing.assert_array_equal(labels, [0, 1, 2, 0, 1, 2])  # Balanced, by sample index.
+
+  def draw(scale):
+    fn = samplers.make_sample_fn(
+      bundle.diffusion, bundle.model, bundle.mesh, (8, 8, 1), spec, 8, guidance_scale=scale
+    )
+    return fn(params, keys, labels)
+
+  chain = samplers.make_chain_fn(bundle.diffusion, spec)
+  model_fn = lambda x, t: bundle.model.apply({"params": params}, x, t, y=jnp.asarray(labels))
+  direct = jax.jit(lambda k: chain(model_fn, (6, 8, 8, 1), k))(keys)
+  np.testing.assert_allclose(draw(0.0), direct, atol=1e-5)
+  assert np.abs(draw(3.0) - direct).max() > 5e-3  # Guidance moves the samples (>> 1e-5).
+
+
+def test_conditional_sample_mode_writes_labels_into_its_shards(conditional, tmp_path):
+  cfg, bundle, params = conditional
+  from ddpm_jax import convert
+
+  workdir = str(tmp_path / "imported")
+  convert.save_checkpoint(jax.device_get(params), cfg, workdir, step=0)
+  cfg.sample.num_samples, cfg.sample.batch_size, cfg.sample.num_steps = 7, 4, 20
+  cfg.sample.guidance_scale = 1.5
+  directory = shards.run_sampling(cfg, workdir)
+  labels = shards.load_labels(directory, 7)
+  np.testing.assert_array_equal(labels, np.arange(7) % 3)
+  with open(os.path.join(directory, shards.MANIFEST_NAME)) as f:
+    manifest = json.load(f)
+  assert manifest["guidance_scale"] == 1.5 and manifest["class_label"] == -1
+  before = mtimes(directory)
+  assert shards.run_sampling(cfg, workdir) == directory and mtimes(directory) == before
+  # A fixed label is another directory; a shard whose labels are wrong is sampled again.
+  cfg.sample.class_label = 2
+  fixed = shards.run_sampling(cfg, workdir)
+  assert fixed != directory
+  np.testing.assert_array_equal(shards.load_labels(fixed, 7), np.full(7, 2))
+  path = os.path.join(fixed, "shard_00001.npz")
+  images, indices = read_shard(path)
+  with open(path, "wb") as f:
+    f.write(shards._npz_bytes(images=images, indices=indices, labels=np.zeros(3, np.int32)))
+  shards.run_sampling(cfg, workdir)
+  np.testing.assert_array_equal(shards.load_labels(fixed, 7), np.full(7, 2))

@@ -42,10 +42,10 @@ def _copy_of_the_repository(dest) -> str:
   return os.path.join(dest, "venv")
 
 
-def run_script(repo, venv, args):
-  env = dict(subprocess_env(4), DDPM_JAX_VENV=venv)
+def run_script(repo, venv, args, script="./train_digits.sh", **env):
+  env = dict(subprocess_env(4), DDPM_JAX_VENV=venv, **env)
   result = subprocess.run(
-    ["./train_digits.sh", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+    [script, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900
   )
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-3000:]
@@ -67,3 +67,20 @@ def test_train_digits_saves_samples_and_resumes(tmp_path):
   assert "Resumed from the checkpoint of step 4" in second.stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
   assert "Trained to step 6." in second.stdout
+
+
+def test_train_digits_conditional_trains_then_sweeps_the_guidance_scale(tmp_path):
+  repo = str(tmp_path / "repo")
+  venv = _copy_of_the_repository(repo)
+  workdir = os.path.join(repo, "workdir_digits_conditional")
+  sweep = "--num_samples=10 --seeds=1 --guidance_scales=0,2"
+  steps = ["--config.training.num_train_steps=2", "--config.sample.num_steps=3", *TINY_STEPS]
+  result = run_script(repo, venv, steps, "./train_digits_conditional.sh", SWEEP_FLAGS=sweep)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  assert "Trained to step 2." in result.stdout
+  # The sweep's table: one row per scale, with the class accuracy of the conditional model.
+  with open(os.path.join(workdir, "guidance_sweep", "table.md")) as f:
+    table = f.read().splitlines()
+  assert [row.split("|")[2].strip() for row in table[2:]] == ["0", "2"]
+  assert all(row.rstrip(" |").split("|")[-2].strip().endswith("%") for row in table[2:])
+  assert table[2] in result.stdout

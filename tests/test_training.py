@@ -15,9 +15,11 @@ from flax import traverse_util
 
 from ddpm_jax import model_bundle, parallel
 from ddpm_jax.checkpoints import checkpointer
+from ddpm_jax.sampling import samplers
 from ddpm_jax.training import loop as train_loop
 from ddpm_jax.training import state as state_lib
 from ddpm_jax.training import step as step_lib
+from ddpm_jax.training.program import TrainProgram
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +303,44 @@ def test_bfloat16_compute_keeps_float32_state_and_loss_within_one_percent():
     losses[dtype] = float(jnp.mean(loss))
   assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.01)
   assert losses["bfloat16"] != losses["float32"]  # bfloat16 really was used.
+
+
+def test_labels_reach_the_loss_a_tiny_model_learns_two_classes():
+  """Class 0 is dark images, class 1 bright ones: after a short training the conditional samples
+  of each class are dark or bright, and near x_T the model's x_0 fits the right label, not the
+  wrong one, with the null class (which label dropout trained too) in between."""
+  config = tiny_digits_config(**{
+    "model.num_classes": 2, "model.dropout": 0.0, "training.label_dropout": 0.2,
+    "optim.lr": 3e-3, "optim.warmup_steps": 5, "optim.ema_decay": 0.9,
+    # x_0 prediction, and x_T pure noise with T = 20: only the label tells the classes apart.
+    "diffusion.beta_schedule": "cosine", "diffusion.model_mean_type": "xstart"})  # fmt: skip
+  program = TrainProgram(config)
+  labels = np.arange(8, dtype=np.int32) % 2
+  images = np.where(labels[:, None, None, None] == 1, 0.8, -0.8) * np.ones((8, 8, 8, 1))
+  batch = (
+    parallel.global_batch(images.astype(np.float32), program.mesh),
+    parallel.global_batch(labels, program.mesh),
+  )
+  state = program.init_fn()
+  for _ in range(150):
+    state, metrics = program.train_step(1)(state, batch)
+  assert float(metrics["loss"]) < 0.5
+  sample = samplers.make_sampler(program.diffusion, program.model, program.mesh, (8, 8, 1))
+  keys = samplers.sample_keys(jax.random.PRNGKey(0), 0, 8)
+  means = {
+    name: sample(state.ema_params, keys, y).mean(axis=(1, 2, 3))
+    for name, y in (("dark", np.zeros(8, np.int32)), ("bright", np.ones(8, np.int32)))
+  }
+  assert np.all(means["dark"] < -0.6) and np.all(means["bright"] > 0.6), means
+  x0, noise = (
+    jnp.asarray(images, jnp.float32),
+    jax.random.normal(jax.random.PRNGKey(3), (8, 8, 8, 1)),
+  )
+  t = jnp.full((8,), 15, jnp.int32)
+  losses = {}
+  for name, y in (("right", labels), ("wrong", 1 - labels), ("null", np.full(8, 2, np.int32))):
+    model_fn = lambda x, t, y=y: program.model.apply(
+      {"params": state.ema_params}, x, t, y=jnp.asarray(y)
+    )
+    losses[name] = float(program.diffusion.training_losses(model_fn, x0, t, noise).mean())
+  assert 5 * losses["right"] < losses["null"] < losses["wrong"] / 2, losses

@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.remat = False  # Recompute blocks' activations in the backward pass (less memory).
   # How 3x3 convolutions run: xla | xla_matmul_grad | shifted_matmul (models/convolution.py).
   model.conv_impl = "xla"
+  # > 0: class-conditional (a learned class embedding, plus the null class of classifier-free
+  # guidance); the data must have as many labels. 0: unconditional, the paper's models.
+  model.num_classes = 0
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = "linear"
@@ -68,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.log_every = 100
   # At the end of training: FID (and IS) of this many EMA samples against the real data (0: off).
   training.fid_num_samples = 0
+  # Class-conditional models: each example's label becomes the null class with this probability.
+  training.label_dropout = 0.1
   training.seed = 0
 
   config.sample = sample = ml_collections.ConfigDict()
@@ -82,6 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   sample.karras_sigmas = False  # dpm_solver, heun: Karras et al.'s noise levels instead.
   sample.lower_order_final = True  # dpm_solver: lower orders in the last steps (< 15 steps).
   sample.clip_denoised = True
+  # Class-conditional models: w of classifier-free guidance,
+  # eps = (1 + w) eps(x, y) - w eps(x, null) (0: the conditional model alone), and the label of
+  # every sample (-1: sample i gets i mod num_classes, balanced over the classes).
+  sample.guidance_scale = 0.0
+  sample.class_label = -1
   sample.checkpoint_step = -1  # -1: latest.
   sample.seed = 1
 
@@ -114,4 +124,39 @@ def get_256_config() -> ml_collections.ConfigDict:
   config.training.num_sample_images = 16
   config.sample.batch_size = 64
   config.eval.batch_size = 64
+  return config
+
+
+def get_digits_config() -> ml_collections.ConfigDict:
+  """The embedded digits (scikit-learn's 1,797 real 8x8 digits, no download): a 1M-parameter
+  U-Net at their native 8x8, T = 1000, about 10 minutes of training on 2 CPU cores. The
+  repository's configs/digits.py and configs/digits_conditional.py build on it."""
+  config = get_config()
+  config.data.dataset = "digits"
+  config.data.image_size = 8
+  config.data.num_channels = 1
+  config.data.random_flip = False  # Digits are not mirror-symmetric.
+  config.data.shuffle_buffer = 2_000
+
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 2
+  config.model.attn_resolutions = (4,)
+  config.model.dropout = 0.1
+
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 100
+  config.optim.ema_decay = 0.995  # A short run: the paper's 0.9999 would average too far back.
+
+  config.training.batch_size = 128
+  config.training.num_train_steps = 2_000
+  config.training.checkpoint_every_steps = 500
+  config.training.checkpoint_every_secs = 300
+  config.training.log_every = 100
+  config.training.sample_every = 2_000
+  config.training.num_sample_images = 100
+  config.training.fid_num_samples = 500
+
+  config.sample.batch_size = 500
+  config.eval.batch_size = 297
   return config

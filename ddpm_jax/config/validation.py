@@ -82,8 +82,10 @@ def _check_model_and_data(config) -> None:
   _check_choice(config, "model.param_dtype", DTYPES)
   _check_choice(config, "model.conv_impl", CONV_IMPLS)
   _check_positive(config, "diffusion.num_timesteps")
+  _check_non_negative(config, "model.num_classes")
   _check_diffusion(config)
   _check_model(config)
+  _check_conditioning(config)
 
 
 def _check_training(config, device_count: int, process_count: int) -> None:
@@ -106,6 +108,8 @@ def _check_training(config, device_count: int, process_count: int) -> None:
   for field in ("training.checkpoint_every_secs", "optim.grad_clip"):
     _check_non_negative(config, field, integer=False)
   _check_optimizer(config)
+  if not 0.0 <= config.training.label_dropout < 1.0:
+    _fail("training.label_dropout", config.training.label_dropout, "it must be in [0, 1)")
   _check_batch(config, device_count, process_count)
   _check_step_multiples(config)
 
@@ -131,6 +135,27 @@ def check_sampling(config) -> None:
       "sample.checkpoint_step",
       sample.checkpoint_step,
       "it must be an integer (a step, or -1 for the latest)",
+    )
+
+
+def _check_conditioning(config) -> None:
+  """The labels and the guidance every sampling mode (and training's samples) use."""
+  num_classes, sample = config.model.num_classes, config.sample
+  if not sample.guidance_scale >= 0:
+    _fail("sample.guidance_scale", sample.guidance_scale, "it must be >= 0")
+  if sample.guidance_scale and not num_classes:
+    _fail(
+      "sample.guidance_scale",
+      sample.guidance_scale,
+      "classifier-free guidance needs a class-conditional model (model.num_classes > 0)",
+    )
+  if not -1 <= sample.class_label < max(num_classes, 0):
+    allowed = f"0..{num_classes - 1}, or " if num_classes else ""
+    _fail(
+      "sample.class_label",
+      sample.class_label,
+      f"it must be {allowed}-1 (each sample's label from its index); model.num_classes="
+      f"{num_classes}",
     )
 
 

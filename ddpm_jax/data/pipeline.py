@@ -15,6 +15,12 @@ never s batches, and yields exactly the batches an uninterrupted run would have 
 runs with `deterministic` options; `Dataset.shuffle` also mixes in TF's global seed, which
 ddpm_jax never sets.
 
+Labels. Every source reads (image, label) pairs, label -1 where it has none, and the label rides
+with its image through the shuffle, flip, sharding and resume; `create_train_dataset` drops them
+unless `labels=True`, so both streams hold the same images in the same order. Labels are TFDS's
+`label` feature (cifar10, the digits) and an image folder's class sub-folders (see
+`image_folder`); StyleGAN TFRecords and TFDS datasets without `label` (celeb_a_hq, lsun) have none.
+
 Resizing: images are center-cropped to a square and, if their size differs, resized to
 `data.image_size` with bilinear interpolation and antialiasing (area-like when shrinking), then
 rounded back to integers 0..255, so every pixel is a uint8 value before x / 127.5 - 1 (digits
@@ -57,18 +63,27 @@ class DatasetNotPreparedError(ValueError):
   """The configured dataset is not on disk; the message says where it looked and what to run."""
 
 
+class LabelsError(ValueError):
+  """A class-conditional model (model.num_classes > 0) and the dataset's labels do not fit."""
+
+
+NO_LABEL = -1  # The label of an image whose dataset has none.
+
+
 @dataclasses.dataclass(frozen=True)
 class _Shard:
   """One process's part of a split.
 
-  `read(seed)` gives its uint8 images [h, w, c]: in a fixed order for seed None, else in the
-  epoch order for that int64 scalar seed (a full shuffle when `fully_shuffled`).
+  `read(seed)` gives its (uint8 image [h, w, c], int32 label []) pairs, label NO_LABEL when
+  `num_classes` is 0: in a fixed order for seed None, else in the epoch order for that int64
+  scalar seed (a full shuffle when `fully_shuffled`).
   """
 
   num_examples: int
   read: Callable[[tf.Tensor | None], tf.data.Dataset]
   fully_shuffled: bool = False
   max_num_examples: int = -1  # Largest shard over processes (eval shards only, else -1).
+  num_classes: int = 0  # Of the whole dataset; 0: no labels.
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -99,10 +114,11 @@ def _source(config: ml_collections.ConfigDict) -> str:
 
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Returns {'image_shape': (S, S, C), 'num_train_examples', 'num_eval_examples'}.
+  """Returns {'image_shape': (S, S, C), 'num_train_examples', 'num_eval_examples', 'num_classes'}.
 
   The counts are None when the dataset (or its eval split) is not prepared; the embedded digits
-  are prepared on first use. Raises ValueError for an unknown data.dataset or data.source.
+  are prepared on first use. `num_classes` is that of `num_classes(config)`. Raises ValueError
+  for an unknown data.dataset or data.source.
   """
   _source(config)  # Config errors must not read as "not prepared".
   counts = {}
@@ -112,7 +128,78 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> dict[str, Any]:
     except ValueError:  # Includes DatasetNotPreparedError and TFDS's unknown split.
       counts[key] = None
   size, channels = config.data.image_size, config.data.num_channels
-  return {"image_shape": (size, size, channels), **counts}
+  return {"image_shape": (size, size, channels), **counts, "num_classes": num_classes(config)}
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def _tfds_label_feature(builder) -> tfds.features.ClassLabel | None:
+  features = builder.info.features  # A FeaturesDict: no `get`.
+  if "label" not in features:
+    return None
+  return features["label"] if isinstance(features["label"], tfds.features.ClassLabel) else None
+
+
+def _labels_of(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(number of classes, 0 for none; what the data holds, for messages), from metadata only.
+
+  Raises DatasetNotPreparedError for an image folder without images.
+  """
+  source = _source(config)
+  if source == "tfrecords":
+    return 0, "StyleGAN TFRecords hold images only"
+  if source == "tfds":
+    name = _spec(config).tfds_name
+    label = _tfds_label_feature(tfds.builder(name, data_dir=_data_dir(config)))
+    if label is None:
+      return 0, f"TFDS {name} has no 'label' feature"
+    return label.num_classes, f"TFDS {name} has {label.num_classes} classes"
+  folder, where = _scan_folder(config), config.data.data_dir
+  if folder.labels is None:
+    return 0, (
+      f"a folder has labels only when every image is in a class sub-folder "
+      f"({where.rstrip('/')}/<class>/...), but {where} itself holds {folder.num_top_level_files} "
+      "of them"
+    )
+  names = folder.class_names
+  shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+  return len(names), f"{where} has {len(names)} class sub-folders ({shown})"
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """The number of classes of the configured dataset's labels; 0 when it has none.
+
+  Cheap: TFDS's features (from the builder's code when the data is not prepared) or the image
+  folder's directory listing (0 for a folder without images); no example is read.
+  """
+  try:
+    return _labels_of(config)[0]
+  except DatasetNotPreparedError:
+    return 0
+
+
+def check_labels(config: ml_collections.ConfigDict) -> None:
+  """Raises LabelsError unless the dataset has labels of exactly `model.num_classes` classes.
+
+  Nothing is checked, or read, for an unconditional model (model.num_classes 0, the default).
+  An image folder without images raises DatasetNotPreparedError.
+  """
+  wanted = config.model.get("num_classes", 0)
+  if not wanted:
+    return
+  have, what = _labels_of(config)
+  dataset = config.data.dataset
+  if not have:
+    raise LabelsError(
+      f"model.num_classes={wanted} needs class labels, but dataset {dataset} has none: {what}. "
+      "Set --config.model.num_classes=0 to train unconditionally."
+    )
+  if have != wanted:
+    raise LabelsError(
+      f"model.num_classes={wanted} does not match dataset {dataset}: {what}. "
+      f"Set --config.model.num_classes={have}."
+    )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -170,13 +257,19 @@ def _tfds_not_prepared(config: ml_collections.ConfigDict, builder) -> DatasetNot
 
 
 def _tfds_dataset(config: ml_collections.ConfigDict, builder, split) -> tf.data.Dataset:
-  """Reads `split` in its stored order (deterministic), images only."""
+  """Reads `split` in its stored order (deterministic): (image, int32 label or NO_LABEL)."""
   read_config = tfds.ReadConfig(options=_options(), try_autocache=True)
   try:
     ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
   except (AssertionError, FileNotFoundError) as e:  # TFDS asserts that the data exists.
     raise _tfds_not_prepared(config, builder) from e
-  return ds.map(lambda example: example["image"], num_parallel_calls=tf.data.AUTOTUNE)
+  has_label = _tfds_label_feature(builder) is not None
+
+  def image_and_label(example):
+    label = tf.cast(example["label"], tf.int32) if has_label else tf.constant(NO_LABEL)
+    return example["image"], label
+
+  return ds.map(image_and_label, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _tfds_count(config, builder, split) -> int:
@@ -192,7 +285,10 @@ def _tfds_shard(config, split, process_index, process_count, for_training) -> _S
   ds = _tfds_dataset(config, builder, subsplits[process_index])
   n = _tfds_count(config, builder, subsplits[process_index])
   largest = -1 if for_training else max(_tfds_count(config, builder, s) for s in subsplits)
-  return _Shard(n, lambda seed: ds, max_num_examples=largest)
+  label = _tfds_label_feature(builder)
+  return _Shard(
+    n, lambda seed: ds, max_num_examples=largest, num_classes=label.num_classes if label else 0
+  )
 
 
 def _tfrecord_files(config: ml_collections.ConfigDict) -> list[str]:
@@ -209,6 +305,10 @@ def _tfrecord_files(config: ml_collections.ConfigDict) -> list[str]:
   return files
 
 
+def _parse_unlabelled_record(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  return lsun_tfrecords.parse_example(serialized), tf.constant(NO_LABEL)
+
+
 def _tfrecords_shard(config, process_index, process_count, for_training, num_examples) -> _Shard:
   """Deals files to processes when there are enough of them (training), else records."""
   files = _tfrecord_files(config)
@@ -221,38 +321,55 @@ def _tfrecords_shard(config, process_index, process_count, for_training, num_exa
       names = tf.data.Dataset.from_tensor_slices(mine)
       if seed is not None:
         names = names.shuffle(len(mine), seed=seed, reshuffle_each_iteration=False)
-      return names.flat_map(tf.data.TFRecordDataset).map(lsun_tfrecords.parse_example)
+      return names.flat_map(tf.data.TFRecordDataset).map(_parse_unlabelled_record)
 
     return _Shard(n, read)
   total = sum(counts) if num_examples < 0 else min(num_examples, sum(counts))
   records = tf.data.TFRecordDataset(files).take(total).shard(process_count, process_index)
   n = len(range(process_index, total, process_count))
-  read = lambda seed: records.map(lsun_tfrecords.parse_example)
+  read = lambda seed: records.map(_parse_unlabelled_record)
   return _Shard(n, read, max_num_examples=math.ceil(total / process_count))
 
 
-def _folder_shard(config, process_index, process_count, num_examples) -> _Shard:
-  files = image_folder.list_files(config.data.data_dir)
-  if not files:
+def _scan_folder(config: ml_collections.ConfigDict) -> image_folder.ImageFolder:
+  folder = image_folder.scan(config.data.data_dir)
+  if not folder.files:
     raise DatasetNotPreparedError(
       f"Dataset folder: no {'/'.join(image_folder.EXTENSIONS)} images under data.data_dir="
       f"{config.data.data_dir!r} (searched recursively). Set --config.data.data_dir to a folder "
       "of images."
     )
-  files = files[: num_examples if num_examples >= 0 else None]
+  return folder
+
+
+def _folder_shard(config, process_index, process_count, num_examples) -> _Shard:
+  folder = _scan_folder(config)
+  end = num_examples if num_examples >= 0 else None
+  files = folder.files[:end]
+  labels = (folder.labels or [NO_LABEL] * len(folder.files))[:end]
   mine = files[process_index::process_count]
+  my_labels = labels[process_index::process_count]
   channels = config.data.num_channels
 
   def read(seed):
-    names = tf.data.Dataset.from_tensor_slices(tf.constant(mine, tf.string))
+    examples = tf.data.Dataset.from_tensor_slices(
+      (tf.constant(mine, tf.string), tf.constant(my_labels, tf.int32))
+    )
     if seed is not None:
-      names = names.shuffle(len(mine), seed=seed, reshuffle_each_iteration=False)
-    return names.map(
-      lambda path: image_folder.read_image(path, channels), num_parallel_calls=tf.data.AUTOTUNE
+      examples = examples.shuffle(len(mine), seed=seed, reshuffle_each_iteration=False)
+    return examples.map(
+      lambda path, label: (image_folder.read_image(path, channels), label),
+      num_parallel_calls=tf.data.AUTOTUNE,
     )
 
   largest = math.ceil(len(files) / process_count)
-  return _Shard(len(mine), read, fully_shuffled=True, max_num_examples=largest)
+  return _Shard(
+    len(mine),
+    read,
+    fully_shuffled=True,
+    max_num_examples=largest,
+    num_classes=len(folder.class_names),
+  )
 
 
 def _make_shard(config, split, process_index, process_count, for_training, num_examples=-1):
@@ -328,24 +445,25 @@ def _int64_seed(key: tf.Tensor) -> tf.Tensor:
 
 
 def _example_stream(shard: _Shard, key: tf.Tensor, buffer_size: int, start: int):
-  """Infinite dataset of (uint8 image, flip bool) from stream element `start` on (see top)."""
+  """Infinite dataset of (uint8 image, int32 label, flip bool) from element `start` on (see top)."""
   start_epoch, skip = divmod(start, shard.num_examples)
   buffer_size = 0 if shard.fully_shuffled else min(buffer_size, shard.num_examples)
 
   def one_epoch(epoch):
     epoch_key = tf.random.fold_in(key, epoch, alg="philox")
-    images = shard.read(_int64_seed(tf.random.fold_in(epoch_key, 0, alg="philox")))
+    examples = shard.read(_int64_seed(tf.random.fold_in(epoch_key, 0, alg="philox")))
     if buffer_size > 1:
       seed = _int64_seed(tf.random.fold_in(epoch_key, 1, alg="philox"))
-      images = images.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
-    images = images.enumerate().skip(tf.where(epoch == start_epoch, np.int64(skip), np.int64(0)))
+      examples = examples.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=False)
+    skip_here = tf.where(epoch == start_epoch, np.int64(skip), np.int64(0))
+    examples = examples.enumerate().skip(skip_here)
     flip_key = tf.random.fold_in(epoch_key, 2, alg="philox")
 
-    def with_flip(position, image):
+    def with_flip(position, example):
       u = tf.random.stateless_uniform([], tf.random.fold_in(flip_key, position, alg="philox"))
-      return image, u < 0.5
+      return *example, u < 0.5
 
-    return images.map(with_flip)
+    return examples.map(with_flip)
 
   return tf.data.Dataset.counter(start_epoch).flat_map(one_epoch)
 
@@ -361,8 +479,13 @@ def create_train_dataset(
   process_index: int,
   process_count: int,
   start_step: int = 0,
-) -> Iterator[np.ndarray]:
-  """Infinite iterator of float32 batches [training.batch_size // process_count, S, S, C].
+  labels: bool = False,
+) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Infinite iterator of float32 batches [b, S, S, C], b = training.batch_size // process_count.
+
+  With `labels=True` it yields (images [b, S, S, C], labels int32 [b]) instead, each label that
+  of its image and the images exactly those of `labels=False`; a dataset without labels raises
+  LabelsError (`check_labels` says so before anything is built).
 
   The train split is cut into `num_data_shards` disjoint shards, each with its own stream of
   batch_size // num_shards examples per step; a process reads the consecutive shards
@@ -380,26 +503,39 @@ def create_train_dataset(
     )
   per_process = num_shards // process_count
   streams = [
-    _shard_batches(config, shard, num_shards, batch // num_shards, start_step)
+    _shard_batches(config, shard, num_shards, batch // num_shards, start_step, labels)
     for shard in range(process_index * per_process, (process_index + 1) * per_process)
   ]
   ds = streams[0]
   if per_process > 1:
-    ds = tf.data.Dataset.zip(tuple(streams)).map(lambda *b: tf.concat(b, axis=0))
+    ds = tf.data.Dataset.zip(tuple(streams)).map(
+      lambda *b: tuple(tf.concat(parts, axis=0) for parts in zip(*b, strict=True))
+    )
+  if not labels:
+    ds = ds.map(lambda images, _: images)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return iter(tfds.as_numpy(ds.with_options(_options())))
 
 
-def _shard_batches(config, shard_index: int, num_shards: int, batch_size: int, start_step: int):
-  """Batches [batch_size, S, S, C] of one shard's stream from step `start_step` on."""
+def _shard_batches(
+  config, shard_index: int, num_shards: int, batch_size: int, start_step: int, labels: bool
+) -> tf.data.Dataset:
+  """(images [batch_size, S, S, C], labels [batch_size]) of one shard from `start_step` on."""
   shard = _make_shard(config, None, shard_index, num_shards, for_training=True)
   if shard.num_examples == 0:
     raise ValueError(f"Data shard {shard_index} of {num_shards} got no training examples.")
+  if labels and not shard.num_classes:
+    raise LabelsError(
+      f"Dataset {config.data.dataset} has no class labels to yield: {_labels_of(config)[1]}."
+    )
   key = tf.constant([config.training.seed, shard_index], tf.int64)
   ds = _example_stream(shard, key, config.data.shuffle_buffer, start_step * batch_size)
   random_flip = bool(config.data.random_flip)
   ds = ds.map(
-    lambda image, flip: _to_model_input(image, tf.logical_and(flip, random_flip), config),
+    lambda image, label, flip: (
+      _to_model_input(image, tf.logical_and(flip, random_flip), config),
+      label,
+    ),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   return ds.batch(batch_size, drop_remainder=True)
@@ -428,7 +564,7 @@ def create_eval_dataset(
   num_batches = math.ceil(shard.max_num_examples / batch_size_per_process)
   size, channels = config.data.image_size, config.data.num_channels
   images = shard.read(None).map(
-    lambda image: (_to_model_input(image, tf.constant(False), config), tf.constant(True)),
+    lambda image, _: (_to_model_input(image, tf.constant(False), config), tf.constant(True)),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   padding = tf.data.Dataset.from_tensors((tf.zeros([size, size, channels]), tf.constant(False)))

@@ -39,7 +39,8 @@ def evaluate_sample_quality(bundle: ModelBundle, workdir: str) -> dict[str, Any]
   images = shards.load_samples(directory, config.sample.num_samples)
   if jax.process_index() != 0:
     return {}
-  result = sample_quality.evaluate_samples(config, images) | {"samples": directory}
+  labels = shards.load_labels(directory, len(images)) if config.model.num_classes else None
+  result = sample_quality.evaluate_samples(config, images, labels) | {"samples": directory}
   file_io.write_atomically(
     os.path.join(directory, "sample_quality.json"), json.dumps(result, indent=2).encode()
   )

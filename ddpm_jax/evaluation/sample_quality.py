@@ -76,8 +76,13 @@ def reference_statistics(
   return mu, sigma
 
 
-def evaluate_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> dict[str, float]:
-  """FID against the real data, and IS with 10 splits, of uint8 samples `[N, H, W, C]`."""
+def evaluate_samples(
+  config: ml_collections.ConfigDict, samples: np.ndarray, labels: np.ndarray | None = None
+) -> dict[str, float]:
+  """FID against the real data, and IS with 10 splits, of uint8 samples `[N, H, W, C]`; with
+  the labels `[N]` they were asked for, also `class_accuracy`: how often the feature network's
+  classifier sees the requested class (when it classifies the dataset's classes, as the digits'
+  does; the Inception's 1008 ImageNet classes are not CIFAR-10's)."""
   name, extractor = feature_extractor(config)
   mu_real, sigma_real = reference_statistics(config, name, extractor)
   pool, logits = extractor(samples)
@@ -88,4 +93,6 @@ def evaluate_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> 
   }
   if logits is not None:
     result["inception_score"], result["inception_score_std"] = fid.inception_score(logits)
+    if labels is not None and logits.shape[1] == config.model.num_classes:
+      result["class_accuracy"] = float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
   return result

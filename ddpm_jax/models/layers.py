@@ -293,6 +293,25 @@ class TimestepEmbed(nn.Module):
     return dense(4 * self.ch, "dense1", self.dtype, self.param_dtype)(swish(temb))
 
 
+class ClassEmbed(nn.Module):
+  """y [B] int in 0..num_classes -> [B, features]: a learned vector per class (`embedding`
+  [num_classes, features], diffusers' `class_embedding` without its null row), and zero for
+  y = num_classes, the null class of classifier-free guidance, so that the null class is exactly
+  the unconditional model."""
+
+  num_classes: int
+  features: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: jax.Array) -> jax.Array:
+    table = self.param(
+      "embedding", nn.initializers.normal(1.0), (self.num_classes, self.features), self.param_dtype
+    )
+    known = (y < self.num_classes)[:, None]
+    return jnp.where(known, table[jnp.minimum(y, self.num_classes - 1)], 0.0).astype(jnp.float32)
+
+
 class ResBlock(nn.Module):
   """Residual block: x [B, H, W, C], temb [B, E] -> [B, H, W, out_ch].
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from ddpm_jax.models.layers import (
   AttnBlock,
+  ClassEmbed,
   Downsample,
   ResBlock,
   TimestepEmbed,
@@ -186,6 +187,9 @@ class UNet(nn.Module):
   activations from their inputs (less memory, ~1/3 more compute; names and outputs unchanged).
   `conv_impl` picks how the 3x3 convolutions run (`convolution.CONV_IMPLS`, same outputs).
   Dropout is active only with train=True and then needs rngs={'dropout': key}.
+  With `num_classes` > 0 the model is class-conditional: labels y [B] (0..num_classes - 1, or
+  num_classes for the null class, which is the unconditional model) add a learned class
+  embedding to the timestep embedding (`ClassEmbed`); y None is the null class too.
   """
 
   ch: int = 128
@@ -199,12 +203,21 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: bool = False
   conv_impl: str = "xla"
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
-    """x [B, H, W, C] float, t [B] int (0-based step) -> float32 [B, H, W, out_ch]."""
+  def __call__(
+    self, x: jax.Array, t: jax.Array, train: bool = False, y: jax.Array | None = None
+  ) -> jax.Array:
+    """x [B, H, W, C] float, t [B] int (0-based step), y [B] int or None -> float32
+    [B, H, W, out_ch]."""
     if x.ndim != 4 or t.shape != (x.shape[0],):
       raise ValueError(f"expected x [B, H, W, C] and t [B], got {x.shape} and {t.shape}")
+    if y is not None and (not self.num_classes or y.shape != t.shape):
+      raise ValueError(
+        f"labels y {y.shape} need a class-conditional UNet (num_classes={self.num_classes} > 0) "
+        f"and one label per image [B = {x.shape[0]}]"
+      )
     num_levels = len(self.ch_mult)
     if x.shape[1] % (2 ** (num_levels - 1)) or x.shape[2] % (2 ** (num_levels - 1)):
       raise ValueError(
@@ -222,6 +235,10 @@ class UNet(nn.Module):
     )
 
     temb = TimestepEmbed(self.ch, name="temb", **kw)(t)
+    if y is not None:
+      temb = temb + ClassEmbed(self.num_classes, 4 * self.ch, self.param_dtype, name="class_embed")(
+        y
+      ).astype(temb.dtype)
 
     h = conv3x3(self.ch, "conv_in", self.dtype, self.param_dtype, conv_impl=self.conv_impl)(x)
     skips = [h]

@@ -174,32 +174,86 @@ def _report_progress(progress: ChainProgress, t: jax.Array) -> None:
   jax.lax.cond(t % progress.every == 0, lambda: jax.debug.callback(progress, t), lambda: None)
 
 
+def sample_labels(
+  sample: ml_collections.ConfigDict, num_classes: int, start: int, count: int
+) -> np.ndarray:
+  """int32 `[count]`: the labels of samples start..start+count-1, a pure function of the index:
+  `sample.class_label`, or (-1) i mod num_classes, balanced over the classes."""
+  if sample.class_label >= 0:
+    return np.full(count, sample.class_label, np.int32)
+  return (np.arange(start, start + count) % num_classes).astype(np.int32)
+
+
+def guided_model_fn(
+  apply: Callable[[Any, Any, Any], Any],
+  diffusion: GaussianDiffusion,
+  y: jax.Array | None,
+  null_class: int,
+  guidance_scale: float,
+) -> Callable:
+  """`model_fn(x, t)` of a class-conditional network `apply(x, t, y)` with labels y `[B]`:
+  classifier-free guidance (Ho & Salimans 2022), eps = (1 + w) eps(x, y) - w eps(x, null) for
+  the mean part of the output (a learned variance stays the conditional one), the conditional and
+  unconditional predictions as one forward pass of 2B. w = 0 is the conditional model alone."""
+  if y is None or not guidance_scale:
+    return lambda x, t: apply(x, t, y)
+
+  def model_fn(x, t):
+    both = apply(
+      jnp.concatenate([x, x]),
+      jnp.concatenate([t, t]),
+      jnp.concatenate([y, jnp.full_like(y, null_class)]),
+    )
+    conditional, unconditional = jnp.split(both, 2)
+    mean, variance = diffusion.split_output(conditional, x)
+    mean_null, _ = diffusion.split_output(unconditional, x)
+    mean = mean + guidance_scale * (mean - mean_null)
+    return mean if variance is None else jnp.concatenate([mean, variance], axis=-1)
+
+  return model_fn
+
+
 def _sharded_chain(
+  diffusion: GaussianDiffusion,
   model: nn.Module,
   mesh: Mesh,
   image_shape: tuple[int, int, int],
   chain: Callable,
   progress: ChainProgress | None = None,
-) -> Callable[[Any, jax.Array], np.ndarray]:
-  """`run(params, keys [N, 2] sharded over the mesh) -> images [N, H, W, C]` (numpy, gathered
-  on every process): each device runs `chain` on its share of the keys, calling `progress` at
-  the steps it reports."""
+  guidance_scale: float = 0.0,
+) -> Callable[[Any, np.ndarray, np.ndarray | None], np.ndarray]:
+  """`run(params, keys [N, 2], labels [N] or None) -> images [N, H, W, C]` (numpy, gathered on
+  every process; N a multiple of the device count): each device runs `chain` on its share of the
+  keys (and labels, guided by `guidance_scale`), calling `progress` at the steps it reports."""
 
-  def per_device(params, keys):
-    def model_fn(x, t):
+  def per_device(params, keys, labels=None):
+    def apply(x, t, y):
       if progress is not None:
         _report_progress(progress, t[0])
-      return model.apply({"params": params}, x, t, train=False)
+      return model.apply({"params": params}, x, t, train=False, y=y)
 
+    model_fn = guided_model_fn(apply, diffusion, labels, model.num_classes, guidance_scale)
     return chain(model_fn, (keys.shape[0], *image_shape), keys)
 
-  mapped = jax.jit(
+  options = xla_flags.inference_compiler_options(parallel.platform(mesh))
+  unlabelled = jax.jit(
     jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS)),
-    compiler_options=xla_flags.inference_compiler_options(parallel.platform(mesh)),
+    compiler_options=options,
   )
-  return lambda params, keys: np.asarray(
-    multihost_utils.process_allgather(mapped(params, keys), tiled=True)
+  labelled = jax.jit(
+    jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS)),
+    compiler_options=options,
   )
+
+  def run(params, keys, labels=None):
+    keys = parallel.shard_rows(keys, mesh)
+    if labels is None:
+      out = unlabelled(params, keys)
+    else:
+      out = labelled(params, keys, parallel.shard_rows(labels, mesh))
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+  return run
 
 
 def make_sampler(
@@ -209,19 +263,25 @@ def make_sampler(
   image_shape: tuple[int, int, int],
   clip_denoised: bool = True,
   progress: ChainProgress | None = None,
-) -> Callable[[Any, jax.Array], np.ndarray]:
-  """Returns `sample(params, keys [N, 2]) -> images [N, H, W, C]` in [-1, 1] (float32 numpy):
-  Algorithm 2 through all T steps, reporting to `progress` if given (start it before a call).
+  guidance_scale: float = 0.0,
+) -> Callable[..., np.ndarray]:
+  """Returns `sample(params, keys [N, 2], labels [N] or None) -> images [N, H, W, C]` in
+  [-1, 1] (float32 numpy): Algorithm 2 through all T steps, reporting to `progress` if given
+  (start it before a call). Labels (class-conditional models; None: the null class) are guided
+  by `guidance_scale`.
 
   The N chains are spread over the mesh; N need not divide the device count (keys are padded).
   """
   spec = SamplerSpec("ancestral", diffusion.num_timesteps, 1.0, clip_denoised)
-  run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec), progress)
+  chain = make_chain_fn(diffusion, spec)
+  run = _sharded_chain(diffusion, model, mesh, image_shape, chain, progress, guidance_scale)
   devices = mesh.devices.size
 
-  def sample(params, keys):
+  def sample(params, keys, labels=None):
     size = parallel.round_up(keys.shape[0], devices)
-    return parallel.pad_unpad(lambda k: run(params, parallel.shard_rows(k, mesh)), size)(keys)
+    if labels is None:
+      return parallel.pad_unpad(lambda k: run(params, k), size)(keys)
+    return parallel.pad_unpad(lambda k, y: run(params, k, y), size)(keys, labels)
 
   return sample
 
@@ -233,19 +293,24 @@ def make_sample_fn(
   image_shape: tuple[int, int, int],
   spec: SamplerSpec,
   batch_size: int,
-) -> Callable[[Any, np.ndarray], np.ndarray]:
-  """Returns `sample(params, keys [n, 2]) -> images [n, H, W, C]` float32 in [-1, 1] (numpy).
+  guidance_scale: float = 0.0,
+) -> Callable[..., np.ndarray]:
+  """Returns `sample(params, keys [n, 2], labels [n] or None) -> images [n, H, W, C]` float32
+  in [-1, 1] (numpy), labels guided by `guidance_scale` as in `make_sampler`.
 
   n <= batch_size; the keys are padded to batch_size rounded up to the device count, so every
   call runs the one compiled program. `params` must be replicated over `mesh`. Every process
   calls it with the same keys and gets all n images.
   """
-  run = _sharded_chain(model, mesh, image_shape, make_chain_fn(diffusion, spec))
+  chain = make_chain_fn(diffusion, spec)
+  run = _sharded_chain(diffusion, model, mesh, image_shape, chain, None, guidance_scale)
   padded = parallel.round_up(batch_size, mesh.devices.size)
 
-  def sample(params, keys):
+  def sample(params, keys, labels=None):
     if not 0 < keys.shape[0] <= batch_size:
       raise ValueError(f"Got {keys.shape[0]} keys; this sampler takes 1 to {batch_size}.")
-    return parallel.pad_unpad(lambda k: run(params, parallel.shard_rows(k, mesh)), padded)(keys)
+    if labels is None:
+      return parallel.pad_unpad(lambda k: run(params, k), padded)(keys)
+    return parallel.pad_unpad(lambda k, y: run(params, k, y), padded)(keys, labels)
 
   return sample

@@ -37,6 +37,7 @@ import logging
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,7 +49,7 @@ from ddpm_jax import file_io, image_grid, model_bundle
 from ddpm_jax.checkpoints import readers
 from ddpm_jax.config.validation import validate_config
 from ddpm_jax.model_bundle import ModelBundle
-from ddpm_jax.sampling.samplers import SamplerSpec, make_sample_fn, sample_keys
+from ddpm_jax.sampling.samplers import SamplerSpec, make_sample_fn, sample_keys, sample_labels
 
 SHARD_PATTERN = "shard_*.npz"
 GRID_NAME = "grid.png"
@@ -70,7 +71,7 @@ def sample_manifest(
 ) -> dict[str, Any]:
   """Everything that determines the images of a sample directory (not the batch size or the
   number of samples: sample i is the same in every run)."""
-  return {
+  manifest = {
     "checkpoint_step": step,
     "sampler": dataclasses.asdict(spec),
     "seed": config.sample.seed,
@@ -78,6 +79,10 @@ def sample_manifest(
     "diffusion": config.diffusion.to_dict(),
     "model": config.model.to_dict(),
   }
+  if config.model.num_classes:
+    manifest["guidance_scale"] = config.sample.guidance_scale
+    manifest["class_label"] = config.sample.class_label
+  return manifest
 
 
 def _manifest_json(manifest: dict[str, Any]) -> str:
@@ -132,36 +137,48 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
 
 def _read_shard(path: str) -> dict[str, np.ndarray]:
   with np.load(io.BytesIO(file_io.read_bytes(path)), allow_pickle=False) as npz:
-    return {"images": npz["images"], "indices": npz["indices"]}
+    return {name: npz[name] for name in npz.files if name in ("images", "indices", "labels")}
 
 
-def _shard_complete(path: str, start: int, count: int, image_shape: tuple[int, ...]) -> bool:
+# (start, count) -> the labels `[count]` of those samples (class-conditional models), or None.
+LabelsFn = Callable[[int, int], np.ndarray] | None
+
+
+def _shard_complete(
+  path: str, start: int, count: int, image_shape: tuple[int, ...], labels_fn: LabelsFn
+) -> bool:
   """Whether `path` holds exactly samples start..start+count-1: readable, the right indices
-  (int64), images uint8 `[count, *image_shape]`."""
+  (int64), images uint8 `[count, *image_shape]`, and (conditional) their labels."""
   if not file_io.exists(path):
     return False
   try:
     shard = _read_shard(path)
+    images, indices = shard["images"], shard["indices"]
   except Exception:  # noqa: BLE001 - any unreadable shard (empty, truncated, ...) is redone.
     return False
-  images, indices = shard["images"], shard["indices"]
   expected = np.arange(start, start + count)
+  labelled = labels_fn is None or np.array_equal(shard.get("labels"), labels_fn(start, count))
   return (
     images.dtype == np.uint8
     and images.shape == (count, *image_shape)
     and indices.dtype == np.int64
     and np.array_equal(indices, expected)
+    and labelled
   )
 
 
 def _pending_shards(
-  directory: str, ranges: list[tuple[int, int]], image_shape: tuple[int, ...]
+  directory: str,
+  ranges: list[tuple[int, int]],
+  image_shape: tuple[int, ...],
+  labels_fn: LabelsFn = None,
 ) -> list[int]:
   """Indices of the shards still to sample; process 0's view of the disk decides for all."""
   pending = np.zeros(len(ranges), np.bool_)
   if jax.process_index() == 0:
     pending[:] = [
-      not _shard_complete(shard_path(directory, i), *r, image_shape) for i, r in enumerate(ranges)
+      not _shard_complete(shard_path(directory, i), *r, image_shape, labels_fn)
+      for i, r in enumerate(ranges)
     ]
   if jax.process_count() > 1:
     pending = np.asarray(multihost_utils.broadcast_one_to_all(pending))
@@ -216,12 +233,36 @@ def run_sampling(
   return sample_checkpoint(ModelBundle.from_config(config), workdir, output_dir)
 
 
+def labels_of(config: ml_collections.ConfigDict) -> LabelsFn:
+  """(start, count) -> the labels of those samples (`samplers.sample_labels`); None for an
+  unconditional model."""
+  if not config.model.num_classes:
+    return None
+  return lambda start, count: sample_labels(config.sample, config.model.num_classes, start, count)
+
+
+def load_labels(directory: str, num_samples: int) -> np.ndarray:
+  """The labels `[num_samples]` int32 of samples 0..num_samples-1 of a conditional sample
+  directory, in index order."""
+  labels = np.full(num_samples, -1, np.int32)
+  for path in file_io.glob(directory, SHARD_PATTERN):
+    shard = _read_shard(path)
+    if "labels" not in shard:
+      raise FileNotFoundError(f"{path} holds no labels: it was sampled unconditionally.")
+    keep = shard["indices"] < num_samples
+    labels[shard["indices"][keep]] = shard["labels"][keep]
+  if np.any(labels < 0):
+    raise FileNotFoundError(f"The labels of {directory} are incomplete; rerun the sampling.")
+  return labels
+
+
 def sample_checkpoint(bundle: ModelBundle, workdir: str, output_dir: str | None = None) -> str:
   """`run_sampling` for a validated config's bundle (`--mode=eval` samples this way too)."""
   config = bundle.config
   workdir = file_io.absolute(workdir)
   spec = SamplerSpec.from_config(config.sample, bundle.diffusion.num_timesteps)
   ranges = shard_ranges(config.sample.num_samples, config.sample.batch_size)
+  labels_fn = labels_of(config)
   with readers.open_checkpoints(workdir) as ckpt:
     step = readers.select_step(ckpt, config.sample.checkpoint_step)
     manifest = sample_manifest(config, spec, step)
@@ -229,7 +270,7 @@ def sample_checkpoint(bundle: ModelBundle, workdir: str, output_dir: str | None 
     if jax.process_index() == 0:
       file_io.make_writable_dir(directory, "The sample directory")
       _check_or_write_manifest(directory, manifest)
-    pending = _pending_shards(directory, ranges, bundle.image_shape)
+    pending = _pending_shards(directory, ranges, bundle.image_shape, labels_fn)
     logging.info(
       "Sampling step %d with %s into %s: %d of %d shards to do.",
       step,
@@ -248,8 +289,9 @@ def sample_checkpoint(bundle: ModelBundle, workdir: str, output_dir: str | None 
       bundle.image_shape,
       spec,
       config.sample.batch_size,
+      config.sample.guidance_scale,
     )
-    _sample_shards(sample_fn, ema_params, config.sample.seed, directory, ranges, pending)
+    _sample_shards(sample_fn, ema_params, config.sample.seed, directory, ranges, pending, labels_fn)
   grid_path = os.path.join(directory, GRID_NAME)
   if jax.process_index() == 0 and not file_io.exists(grid_path):
     first = load_samples(directory, min(GRID_SIZE, config.sample.num_samples))
@@ -259,16 +301,24 @@ def sample_checkpoint(bundle: ModelBundle, workdir: str, output_dir: str | None 
 
 
 def _sample_shards(
-  sample_fn, params, seed: int, directory: str, ranges: list[tuple[int, int]], pending: list[int]
+  sample_fn,
+  params,
+  seed: int,
+  directory: str,
+  ranges: list[tuple[int, int]],
+  pending: list[int],
+  labels_fn: LabelsFn = None,
 ) -> None:
   """Samples and writes (process 0) the `pending` shards, logging images/s and the ETA."""
   rng = jax.random.PRNGKey(seed)
   start_time, done = time.time(), 0
   for n, index in enumerate(pending):
     start, count = ranges[index]
-    images = image_grid.to_uint8(sample_fn(params, sample_keys(rng, start, count)))
+    labels = labels_fn(start, count) if labels_fn else None
+    images = image_grid.to_uint8(sample_fn(params, sample_keys(rng, start, count), labels))
     if jax.process_index() == 0:
-      data = _npz_bytes(images=images, indices=np.arange(start, start + count, dtype=np.int64))
+      arrays = {"images": images, "indices": np.arange(start, start + count, dtype=np.int64)}
+      data = _npz_bytes(**arrays, **({} if labels is None else {"labels": labels}))
       file_io.write_atomically(shard_path(directory, index), data)
     done += count
     rate = done / max(time.time() - start_time, 1e-9)

@@ -56,13 +56,22 @@ class TrainLoop(TrainProgram):
       self.bundle.image_shape,
       clip_denoised=config.sample.clip_denoised,
       progress=self.progress,
+      guidance_scale=config.sample.guidance_scale,
     )
 
+  def sample_labels(self, num_images: int) -> np.ndarray | None:
+    """The labels of samples 0..num_images-1 (`samplers.sample_labels`); None if unconditional."""
+    if not self.model.num_classes:
+      return None
+    return samplers.sample_labels(self.config.sample, self.model.num_classes, 0, num_images)
+
   def sample_images(self, state, num_images: int, step: int) -> np.ndarray:
-    """uint8 `[N, H, W, C]` EMA samples; sample i depends only on (sample.seed, i)."""
+    """uint8 `[N, H, W, C]` EMA samples; sample i depends only on (sample.seed, i) and its
+    label."""
     keys = samplers.sample_keys(jax.random.PRNGKey(self.config.sample.seed), 0, num_images)
     self.progress.start(f"Sampling {num_images} EMA images of step {step}")
-    return image_grid.to_uint8(self.sampler(state.ema_params, keys))
+    labels = self.sample_labels(num_images)
+    return image_grid.to_uint8(self.sampler(state.ema_params, keys, labels))
 
   def grid_path(self, step: int) -> str:
     return os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
@@ -91,7 +100,7 @@ def report_sample_quality(
   from ddpm_jax.evaluation import sample_quality  # The feature networks are only needed here.
 
   config = loop.config
-  result = sample_quality.evaluate_samples(config, images)
+  result = sample_quality.evaluate_samples(config, images, loop.sample_labels(len(images)))
   writer.write_scalars(step, {f"sample_quality/{k}": v for k, v in result.items()})
   file_io.write_atomically(loop.sample_quality_path(step), json.dumps(result, indent=2).encode())
   summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
@@ -104,18 +113,21 @@ def report_sample_quality(
 
 
 def _data_iterator(config, start_step: int):
+  """Batches of images `[b, H, W, C]`, or (images, labels `[b]`) for a class-conditional model."""
   return pipeline.create_train_dataset(
     config,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     start_step=start_step,
+    labels=config.model.num_classes > 0,
   )
 
 
-def _next_batch(data_iter, loop: TrainLoop, steps: int) -> jax.Array:
+def _next_batch(data_iter, loop: TrainLoop, steps: int) -> Any:
+  """The next `steps` local batches as global arrays (stacked `[K, ...]` for K > 1)."""
   local = [next(data_iter) for _ in range(steps)]
-  local = np.stack(local) if steps > 1 else local[0]
-  return parallel.global_batch(local, loop.mesh, steps)
+  local = jax.tree.map(lambda *b: np.stack(b), *local) if steps > 1 else local[0]
+  return jax.tree.map(lambda x: parallel.global_batch(x, loop.mesh, steps), local)
 
 
 class MetricsBuffer:
@@ -167,8 +179,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     default_sharding=parallel.replicated(loop.mesh),
   ) as ckpt:
     _check_not_beyond(ckpt, training.num_train_steps)
-    write_config(config, workdir)
     pipeline.prepare_embedded_dataset(config)
+    pipeline.check_labels(config)  # A class-conditional model needs a dataset with its labels.
+    write_config(config, workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     state, resumed = ckpt.restore_or_init(loop.init_fn)
     start_step = int(state.step)

@@ -49,6 +49,7 @@ class TrainProgram:
       lr_schedule=self.lr_schedule,
       ema_decay=config.optim.ema_decay,
       global_batch_size=config.training.batch_size,
+      label_dropout=config.training.label_dropout,
     )
     self._compiled_steps: dict[int, Any] = {}
 

@@ -10,6 +10,7 @@ extra `pmean` is applied: the result is the gradient of the global mean loss.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -47,6 +48,13 @@ def sample_t_and_noise(
   return t, noise
 
 
+def drop_labels(rng: jax.Array, y: jax.Array, label_dropout: float, null_class: int) -> jax.Array:
+  """y `[B_local]` with each label replaced by `null_class` with probability `label_dropout`,
+  drawn per global example index (classifier-free guidance's joint training)."""
+  u = jax.vmap(lambda k: jax.random.uniform(k, ()))(example_keys(rng, y.shape[0]))
+  return jnp.where(u < label_dropout, null_class, y)
+
+
 def make_train_step(
   *,
   diffusion: GaussianDiffusion,
@@ -55,17 +63,23 @@ def make_train_step(
   lr_schedule: optax.Schedule,
   ema_decay: float,
   global_batch_size: int,
+  label_dropout: float = 0.0,
 ) -> StepFn:
-  """Returns the per-device step `(state, x_start [B_local, H, W, C]) -> (state, metrics)`."""
+  """Returns the per-device step `(state, batch) -> (state, metrics)`: batch x_start
+  `[B_local, H, W, C]`, or (x_start, labels `[B_local]`) for a class-conditional model, whose
+  labels are dropped to the null class (`model.num_classes`) with probability `label_dropout`."""
 
-  def step_fn(state: TrainState, x_start: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  def step_fn(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    x_start, y = batch if isinstance(batch, tuple) else (batch, None)
     rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     t, noise = sample_t_and_noise(rng, x_start, diffusion.num_timesteps)
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(AXIS))
+    if y is not None:  # Its own key: an unconditional run draws exactly what it drew before.
+      y = drop_labels(jax.random.fold_in(rng, 2), y, label_dropout, model.num_classes)
 
     def loss_fn(params):
       def model_fn(x, t):
-        return model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_rng})
+        return model.apply({"params": params}, x, t, train=True, y=y, rngs={"dropout": dropout_rng})
 
       losses = diffusion.training_losses(model_fn, x_start, t, noise)
       return jnp.sum(losses.astype(jnp.float32)) / global_batch_size

@@ -95,6 +95,7 @@ def _architecture(shapes: Mapping[str, Shape]) -> dict[str, Any] | None:
       "attn_levels": tuple(i for i in levels if f"down_{i}/attn_0/q/kernel" in shapes),
       "num_channels": shapes["conv_in/kernel"][2],
       "out_ch": shapes["conv_out/kernel"][3],
+      "num_classes": shapes["class_embed/embedding"][0] if "class_embed/embedding" in shapes else 0,
     }
   except (KeyError, IndexError, ValueError):
     return None
@@ -109,6 +110,7 @@ def _config_architecture(config: ml_collections.ConfigDict) -> dict[str, Any]:
     "attn_levels": tuple(i for i in range(len(m.ch_mult)) if size >> i in m.attn_resolutions),
     "num_channels": config.data.num_channels,
     "out_ch": model_bundle.model_out_channels(config),
+    "num_classes": m.get("num_classes", 0),
   }
 
 
@@ -116,7 +118,16 @@ def _overrides(arch: Mapping[str, Any], config: ml_collections.ConfigDict) -> li
   """The --config flags that make `config`'s U-Net the architecture `arch`."""
   have = _config_architecture(config)
   flags = []
-  for field in ("ch", "ch_mult", "num_res_blocks", "num_channels", "out_ch", "attn_levels"):
+  fields = (
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "num_channels",
+    "out_ch",
+    "attn_levels",
+    "num_classes",
+  )
+  for field in fields:
     if arch[field] == have[field]:
       continue
     if field == "attn_levels":
@@ -174,6 +185,7 @@ def _describe(arch: Mapping[str, Any]) -> str:
     f"ch={arch['ch']}, ch_mult={arch['ch_mult']}, num_res_blocks={arch['num_res_blocks']}, "
     f"attention at level(s) {arch['attn_levels']}, {arch['num_channels']} input and "
     f"{arch['out_ch']} output channels"
+    + (f", {arch['num_classes']} classes" if arch["num_classes"] else "")
   )
 
 
