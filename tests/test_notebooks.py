@@ -30,7 +30,7 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
-NAMES = ("quickstart", "sample_official_weights", "diffusion_explained")
+NAMES = ("quickstart", "sample_official_weights", "diffusion_explained", "export_to_diffusers")
 # The command that writes notebooks/*.ipynb from notebooks/*.py (notebooks/README.md).
 REGENERATE = "jupytext --update --to ipynb notebooks/*.py"
 KERNEL_NAME = "ddpm_jax_test_python"
@@ -105,6 +105,7 @@ def run_in_tmp(name: str):
 quickstart = run_in_tmp("quickstart")
 sample_official_weights = run_in_tmp("sample_official_weights")
 diffusion_explained = run_in_tmp("diffusion_explained")
+export_to_diffusers = run_in_tmp("export_to_diffusers")
 
 
 # -- Reading outputs. --------------------------------------------------------------------------
@@ -363,3 +364,34 @@ def test_diffusion_explained_images(diffusion_explained):
   assert samples.shape[:2] == (grid_size(16), grid_size(16))
   (fig5,) = pngs(nb, "rd")
   assert fig5.shape == (280, 3 * 360, 3)
+
+
+# -- export_to_diffusers.ipynb. ---------------------------------------------------------------
+
+
+def test_export_to_diffusers_exports_and_samples_in_pytorch(export_to_diffusers):
+  nb, tmp_path = export_to_diffusers
+  assert_no_errors(nb)
+  run = tmp_path / "ddpm_export_tiny_run"
+  assert f"run {run}: digits (8, 8, 1), T = 20, linear betas" in stdout(nb, "run")
+  export = stdout(nb, "export")
+  assert f"wrote {tmp_path / 'ddpm_digits_diffusers'} from step 4:" in export
+  for name in ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md"):
+    assert f"  {name} " in export
+  assert "python -m ddpm_jax.convert --to=diffusers" in export
+  assert stdout(nb, "card").startswith("## Weights\n\n- Step 4 of the run")
+  assert "tensors, " in stdout(nb, "round_trip")
+  assert stdout(nb, "round_trip").rstrip().endswith("bit for bit equal: True")
+  if importlib.util.find_spec("diffusers") is None or importlib.util.find_spec("torch") is None:
+    assert stdout(nb, "torch_load").startswith("skipped")
+    assert stdout(nb, "torch_sample").startswith("skipped")
+    return
+  loaded = stdout(nb, "torch_load")
+  assert "UNet2DModel of " in loaded and "DDPMScheduler: T = 20, linear betas, epsilon" in loaded
+  assert number(loaded, r"UNet2DModel and ours: (\S+)") <= 1e-4
+  sampled = stdout(nb, "torch_sample")
+  assert "diffusers samples (16, 8, 8, 1)" in sampled
+  low, high = (number(sampled, p) for p in (r"values in \[(\S+),", r"values in \[\S+, (\S+)\]"))
+  assert 0.0 <= low <= high <= 1.0
+  (grid,) = pngs(nb, "torch_sample")
+  assert grid.shape[:2] == (grid_size(16), grid_size(16))

@@ -93,3 +93,21 @@ def load_ema_params(workdir: str, abstract_params: Any, step: int | None = None)
   with open_checkpoints(workdir) as ckpt:
     step = select_step(ckpt, step)
     return restore_ema_params(ckpt, abstract_params, step), step
+
+
+PARAM_FIELDS = ("ema_params", "params")
+
+
+def restore_params(
+  ckpt: checkpointing.Checkpointer, abstract_params: Any, step: int, which: str = "ema_params"
+) -> Any:
+  """The `which` params ('ema_params' or the raw 'params') of checkpoint `step`, laid out as
+  `abstract_params`; nothing else of the train state is read. Raises as `restore_ema_params`."""
+  if which not in PARAM_FIELDS:
+    raise ValueError(f"which must be one of {PARAM_FIELDS}, got {which!r}")
+  try:
+    return ckpt.restore_part({which: abstract_params}, step)[which]
+  except CorruptCheckpointError as e:
+    raise CorruptCheckpointError(
+      f"{e} {_other_steps_advice(ckpt, e.step)}", step=e.step, reason=e.reason
+    ) from e
