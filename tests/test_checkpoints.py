@@ -526,32 +526,39 @@ def test_checksums_change_under_any_single_bit_flip():
 
 
 def array_files(step_dir: Path) -> list[Path]:
-  """The step's array data files, largest first."""
+  """The step's large array data files: those of the noise kernels, params and EMA alike.
+
+  Which file holds which leaf varies from save to save (one file may hold both), so every one is
+  damaged throughout: a reader of the EMA params alone must meet the damage too.
+  """
   files = [p for p in step_dir.glob("default/ocdbt.process_*/d/*") if p.is_file()]
   assert files, list(step_dir.rglob("*"))
-  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+  largest = max(p.stat().st_size for p in files)
+  return [p for p in files if p.stat().st_size > largest // 2]
 
 
-def truncate_array_file(step_dir: Path) -> None:
-  path = array_files(step_dir)[0]
-  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def truncate_array_files(step_dir: Path) -> None:
+  for path in array_files(step_dir):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 10])
+
+
+def delete_array_files(step_dir: Path) -> None:
+  for path in array_files(step_dir):
+    path.unlink()
 
 
 def flip_bytes(step_dir: Path) -> None:
-  path = array_files(step_dir)[0]
-  data = bytearray(path.read_bytes())
-  for i in range(len(data) // 2, len(data) // 2 + 3):
-    data[i] ^= 0xFF
-  path.write_bytes(bytes(data))
+  for path in array_files(step_dir):
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 20, len(data), 1024):
+      data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 # How each is damaged -> the reason the error gives.
 CORRUPTIONS = {
-  "truncated array file": (truncate_array_file, "an array file is missing or unreadable"),
-  "deleted array file": (
-    lambda d: array_files(d)[0].unlink(),
-    "an array file is missing or unreadable",
-  ),
+  "truncated array files": (truncate_array_files, "an array file is missing or unreadable"),
+  "deleted array files": (delete_array_files, "an array file is missing or unreadable"),
   "deleted _METADATA": (
     lambda d: (d / "default" / "_METADATA").unlink(),
     "its tree metadata (default/_METADATA) is missing",
@@ -662,7 +669,7 @@ def test_corrupt_checkpoints_down_to_a_fresh_start(tmp_path, caplog):
   with Checkpointer(directory, keep=5, every_steps=1) as ckpt:
     ckpt.save(30, make_state(30, 4096, noise=True))
   (directory / "30" / "_CHECKPOINT_METADATA").unlink()
-  truncate_array_file(directory / "10")
+  truncate_array_files(directory / "10")
   caplog.clear()
   with caplog.at_level(logging.WARNING), Checkpointer(directory, keep=5, every_steps=1) as ckpt:
     state, restored = ckpt.restore_or_init(init_fn)

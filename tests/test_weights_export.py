@@ -359,7 +359,7 @@ def test_command_line_exports_the_latest_ema_params_with_a_model_card(run, tmp_p
   card = (out / "README.md").read_text()
   assert card.startswith("---\nlibrary_name: diffusers\n")
   for text in (
-    f"Step 6 of the run `{workdir}`: the EMA of the parameters (decay 0.995)",
+    f"Step 6 of the run `{os.path.basename(workdir)}`: the EMA of the parameters (decay 0.995)",
     "- Data: `digits` (8x8x1, pixels scaled to [-1, 1], no flips).",
     "- Diffusion: T = 20, linear betas (0.0001 to 0.02), predicts eps, variance fixedlarge",
     "num_inference_steps=20",

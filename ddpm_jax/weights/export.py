@@ -265,7 +265,9 @@ def _weights_lines(config: ml_collections.ConfigDict, provenance: Provenance | N
     if provenance.ema
     else "the raw parameters (not their EMA)"
   )
-  return [f"- Step {provenance.step:,} of the run `{provenance.workdir}`: {kind}."]
+  # The run's name only: a model card is published, the path is the trainer's own.
+  name = os.path.basename(provenance.workdir.rstrip("/"))
+  return [f"- Step {provenance.step:,} of the run `{name}`: {kind}."]
 
 
 def _training_lines(config: ml_collections.ConfigDict) -> list[str]:
