@@ -4,6 +4,8 @@
   python -m benchmarks.ours train --config=cifar10 --batch=16 --set=model.conv_impl=xla_matmul_grad
   python -m benchmarks.ours train --config=cifar10 --batch=16 --xla_default_flags
   python -m benchmarks.ours sample --config=digits --num_images=1000 --timed_steps=20
+  python -m benchmarks.ours sample --config=digits --num_images=1000 --sampler=dpm_solver \
+      --num_steps=20
   python -m benchmarks.ours compile --config=cifar10 --batch=16 --cache_dir=/tmp/jax_cache
   python -m benchmarks.ours memory_model --config=lsun_church --batch=16 --set=model.remat=True
   python -m benchmarks.ours memory --config=lsun_church --batch=16   # XLA's whole-step analysis
@@ -30,7 +32,7 @@ import numpy as np
 
 from benchmarks import flops
 from benchmarks.common import load_config, print_result
-from ddpm_jax import model_bundle, parallel
+from ddpm_jax import model_bundle, parallel, solvers
 from ddpm_jax.runtime import compilation_cache, xla_flags
 from ddpm_jax.sampling import samplers
 from ddpm_jax.training.program import TrainProgram
@@ -213,6 +215,38 @@ def forward_images_per_s(
   )
 
 
+def sampler_spec(
+  sampler: str,
+  num_steps: int,
+  eta: float = 0.0,
+  order: int = 2,
+  spacing: str = "linspace",
+  karras: bool = False,
+) -> samplers.SamplerSpec:
+  """The `--mode=sample` spec (clipped x_0) of a benchmark's sampler: ancestral (eta 1), ddim
+  (eta), or the ODE solvers (`order`, dpm_solver only; `spacing`, `karras`; lower orders in the
+  final steps), whose other fields keep their defaults as `SamplerSpec.from_config` leaves them."""
+  if sampler == "ancestral":
+    return samplers.SamplerSpec(sampler, num_steps, 1.0)
+  if sampler == "ddim":
+    return samplers.SamplerSpec(sampler, num_steps, eta)
+  return samplers.SamplerSpec(
+    sampler,
+    num_steps,
+    0.0,
+    order=order if sampler == "dpm_solver" else 2,
+    spacing=spacing,
+    karras=karras,
+  )
+
+
+def seed_params(config: ml_collections.ConfigDict, model: Any) -> Any:
+  """The U-Net's initial params as `--mode=train` draws them (`program.init_train_state` from
+  `PRNGKey(training.seed)`): the weights `benchmarks.peer --seed_params` loads."""
+  params_rng, _ = jax.random.split(jax.random.PRNGKey(config.training.seed))
+  return jax.jit(lambda rng: model_bundle.init_params(model, config, rng))(params_rng)
+
+
 def sample_images_per_s(
   config: ml_collections.ConfigDict,
   num_images: int,
@@ -222,10 +256,12 @@ def sample_images_per_s(
   eta: float,
   batch: int | None = None,
   max_seconds: float = 0.0,
+  solver: dict[str, Any] | None = None,
 ) -> Result:
   """Images/s of `num_images` samples by the `--mode=sample` sampler, in batches of `batch`
   (default: all in one), after one untimed batch that compiles. With `max_seconds` > 0 it stops
   after the batch that crosses it and reports the rate of the images done (settings say how many).
+  `solver`: `sampler_spec`'s order, spacing and karras (dpm_solver, heun).
 
   With `timed_steps` < T (ancestral, one batch), the same reverse step runs `timed_steps` times
   in the compiled loop and the chain's time is extrapolated to all T steps.
@@ -234,11 +270,9 @@ def sample_images_per_s(
   diffusion = model_bundle.create_diffusion(config)
   model = model_bundle.create_model(config)
   shape = (batch, *model_bundle.image_shape(config))
-  params = jax.jit(model.init)(
-    jax.random.PRNGKey(config.training.seed), jnp.zeros((1, *shape[1:])), jnp.zeros((1,), jnp.int32)
-  )["params"]
+  params = seed_params(config, model)
   num_steps = num_steps or diffusion.num_timesteps
-  spec = samplers.SamplerSpec(sampler, num_steps, 1.0 if sampler == "ancestral" else eta)
+  spec = sampler_spec(sampler, num_steps, eta, **(solver or {}))
   keys = np.asarray(jax.random.split(jax.random.PRNGKey(config.sample.seed), num_images))
   extrapolated, timed = None, num_images
   if timed_steps and sampler == "ancestral" and timed_steps < num_steps:
@@ -286,11 +320,25 @@ def sample_images_per_s(
       sampler=sampler,
       num_steps=num_steps,
       eta=spec.eta,
+      **_solver_settings(spec),
       extrapolated_from_steps=extrapolated,
       chain_seconds=seconds,
       first_call_s=compile_s,
       compiler_options=_inference_options(),
     ),
+  )
+
+
+def _solver_settings(spec: samplers.SamplerSpec) -> dict[str, Any]:
+  if spec.sampler not in solvers.SOLVERS:
+    return {}
+  return dict(
+    order=spec.order,
+    spacing=spec.spacing,
+    karras=spec.karras,
+    lower_order_final=spec.lower_order_final,
+    clip_denoised=spec.clip_denoised,
+    nfe=spec.nfe,
   )
 
 
@@ -445,6 +493,7 @@ def run_workload(args: argparse.Namespace) -> Result:
       args.eta,
       args.batch,
       args.max_seconds,
+      dict(order=args.order, spacing=args.spacing, karras=args.karras),
     )
   elif args.workload == "compile":
     result = compile_seconds(config, batch, args.cache_dir)
@@ -478,7 +527,7 @@ def _parser() -> argparse.ArgumentParser:
     default=16,
     help="sample: images, in batches of --batch (default: one batch).",
   )
-  p.add_argument("--sampler", choices=("ancestral", "ddim"), default="ancestral")
+  p.add_argument("--sampler", choices=samplers.SAMPLERS, default="ancestral")
   p.add_argument("--num_steps", type=int, default=None, help="sample: chain length (default T).")
   p.add_argument(
     "--timed_steps",
@@ -487,6 +536,13 @@ def _parser() -> argparse.ArgumentParser:
     help="sample (ancestral): run this many steps and extrapolate to T.",
   )
   p.add_argument("--eta", type=float, default=0.0, help="sample with ddim: eta.")
+  p.add_argument("--order", type=int, default=2, help="sample with dpm_solver: 1, 2 or 3.")
+  p.add_argument(
+    "--spacing", default="linspace", help="sample with dpm_solver/heun: linspace | trailing."
+  )
+  p.add_argument(
+    "--karras", action="store_true", help="sample with dpm_solver/heun: Karras et al.'s sigmas."
+  )
   p.add_argument(
     "--max_seconds",
     type=float,

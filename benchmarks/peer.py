@@ -1,10 +1,12 @@
-"""The PyTorch peer of the benchmarks: diffusers' UNet2DModel and DDPM/DDIM schedulers with our
-architecture, batch and (with `params`) weights.
+"""The PyTorch peer of the benchmarks: diffusers' UNet2DModel and DDPM/DDIM/DPM-Solver++
+schedulers with our architecture, batch and (with `params`) weights.
 
   python -m benchmarks.peer train --config=digits --batch=128 --steps=20 --warmup=3
   python -m benchmarks.peer forward --config=cifar10 --batch=64 --steps=10
   python -m benchmarks.peer sample --config=cifar10 --num_images=16 --sampler=ancestral \
       --timed_steps=20 --seed_params
+  python -m benchmarks.peer sample --config=digits --num_images=1000 --sampler=dpm_solver \
+      --num_steps=20 --seed_params
 
 Each prints one JSON line, {"workload", "value", "unit", "settings"}, as its last stdout line.
 torch and diffusers (extra `bench`) are imported inside the functions, so this module imports
@@ -29,9 +31,11 @@ if TYPE_CHECKING:
   import torch
 
 Result = dict[str, Any]
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver")
 WORKLOADS = ("train", "forward", "sample")
 _VAR_TYPES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}
+# DPM-Solver++'s settings as diffusers defaults them (and our `samplers.SamplerSpec`).
+SOLVER_DEFAULTS = dict(order=2, spacing="linspace", karras=False, lower_order_final=True)
 
 
 def available() -> bool:
@@ -118,11 +122,16 @@ def seed_params(config: ml_collections.ConfigDict) -> Any:
 
 
 def make_scheduler(
-  config: ml_collections.ConfigDict, sampler: str = "ancestral", num_steps: int | None = None
+  config: ml_collections.ConfigDict,
+  sampler: str = "ancestral",
+  num_steps: int | None = None,
+  solver: dict[str, Any] | None = None,
 ):
-  """DDPMScheduler (ancestral, all T steps; also the training noise) or DDIMScheduler (timesteps
+  """DDPMScheduler (ancestral, all T steps; also the training noise), DDIMScheduler (timesteps
   0, k, 2k, .. for k = T // num_steps: diffusers' "leading" spacing, the one its DDIM step is
-  consistent with) with our linear betas and clipped x_0."""
+  consistent with) or DPMSolverMultistepScheduler (DPM-Solver++, `solver`: `SOLVER_DEFAULTS`'
+  keys), with our linear betas and clipped x_0 (DPM-Solver++: thresholding at 1.0, which is
+  clipping to [-1, 1] as our `clip_denoised` does)."""
   import diffusers
 
   d = config.diffusion
@@ -136,22 +145,51 @@ def make_scheduler(
     beta_start=d.beta_start,
     beta_end=d.beta_end,
     beta_schedule="linear",
-    clip_sample=True,
     prediction_type="epsilon",
-    timestep_spacing="leading",
   )
   if sampler == "ancestral":
     if d.model_var_type not in _VAR_TYPES:
       raise ValueError(f"The peer has fixed variances only, got {d.model_var_type!r}.")
     if num_steps not in (None, d.num_timesteps):
       raise ValueError(f"Ancestral sampling runs all {d.num_timesteps} steps, not {num_steps}.")
-    scheduler = diffusers.DDPMScheduler(variance_type=_VAR_TYPES[d.model_var_type], **common)
+    scheduler = diffusers.DDPMScheduler(
+      variance_type=_VAR_TYPES[d.model_var_type],
+      clip_sample=True,
+      timestep_spacing="leading",
+      **common,
+    )
   elif sampler == "ddim":
-    scheduler = diffusers.DDIMScheduler(set_alpha_to_one=True, **common)
+    scheduler = diffusers.DDIMScheduler(
+      set_alpha_to_one=True, clip_sample=True, timestep_spacing="leading", **common
+    )
+  elif sampler == "dpm_solver":
+    if num_steps is None:
+      raise ValueError("dpm_solver needs num_steps.")
+    s = {**SOLVER_DEFAULTS, **(solver or {})}
+    # Our betas (not diffusers' float32 linspace), as tests/test_solvers.py holds ours equal to
+    # this scheduler.
+    common.update(trained_betas=_model_betas(config))
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+      algorithm_type="dpmsolver++",
+      solver_order=s["order"],
+      timestep_spacing=s["spacing"],
+      use_karras_sigmas=s["karras"],
+      lower_order_final=s["lower_order_final"],
+      thresholding=True,
+      sample_max_value=1.0,
+      **common,
+    )
   else:
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}.")
   scheduler.set_timesteps(num_steps or d.num_timesteps)
   return scheduler
+
+
+def _model_betas(config: ml_collections.ConfigDict) -> Any:
+  """Our diffusion's float64 betas [T] (numpy)."""
+  from ddpm_jax import model_bundle
+
+  return model_bundle.create_diffusion(config).betas
 
 
 # -- Timed workloads. ---------------------------------------------------------------------------
@@ -317,6 +355,45 @@ def forward_images_per_s(
   )
 
 
+def _sampling_step(
+  model: torch.nn.Module, scheduler: Any, sampler: str, eta: float, generator: torch.Generator
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+  """`step(x_t, t) -> x_{t'}`: one step of diffusers' pipeline loop (scale_model_input, the
+  network, scheduler.step)."""
+  # Ours recomputes eps from the clipped x_0, as diffusers' DDIM does with this flag.
+  kwargs = dict(eta=eta, use_clipped_model_output=True) if sampler == "ddim" else {}
+
+  def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    eps = model(scheduler.scale_model_input(x, t), t).sample
+    return scheduler.step(eps, t, x, generator=generator, **kwargs).prev_sample
+
+  return step
+
+
+def sample_from(
+  config: ml_collections.ConfigDict,
+  x_T: torch.Tensor,
+  sampler: str,
+  num_steps: int | None = None,
+  params: Any = None,
+  eta: float = 0.0,
+  solver: dict[str, Any] | None = None,
+  seed: int = 0,
+) -> torch.Tensor:
+  """The samples x_0 [N, C, H, W] of the timed loop of `sample_images_per_s` from x_T
+  [N, C, H, W], untimed (the benchmarks' check that both sides compute the same chain)."""
+  import torch
+
+  model = build_model(config, params)
+  scheduler = make_scheduler(config, sampler, num_steps, solver)
+  step = _sampling_step(model, scheduler, sampler, eta, torch.Generator().manual_seed(seed))
+  x = x_T
+  with torch.inference_mode():
+    for t in scheduler.timesteps:
+      x = step(x, t)
+  return x
+
+
 def sample_images_per_s(
   config: ml_collections.ConfigDict,
   num_images: int,
@@ -327,9 +404,11 @@ def sample_images_per_s(
   eta: float = 0.0,
   threads: int | None = None,
   seed: int = 0,
+  solver: dict[str, Any] | None = None,
 ) -> Result:
-  """The DDPMPipeline loop (eps = unet(x, t); x = scheduler.step(eps, t, x)) on all num_images
-  [N, C, H, W] at once: images/s of the full chain of num_steps (default: all T; DDIM: eta).
+  """The pipeline loop (eps = unet(x, t); x = scheduler.step(eps, t, x)) on all num_images
+  [N, C, H, W] at once: images/s of the full chain of num_steps (default: all T; DDIM: eta;
+  DPM-Solver++: `solver`, `SOLVER_DEFAULTS`' keys).
 
   With timed_steps < num_steps only that many steps run (after one untimed warm-up step) and the
   chain's time is extrapolated as time per step * num_steps.
@@ -339,30 +418,37 @@ def sample_images_per_s(
   threads = _set_threads(threads)
   torch.manual_seed(seed)
   model = build_model(config, params)
-  scheduler = make_scheduler(config, sampler, num_steps)
+  scheduler = make_scheduler(config, sampler, num_steps, solver)
   timesteps = scheduler.timesteps
   num_steps = len(timesteps)
   run_steps = num_steps if timed_steps is None else min(timed_steps, num_steps)
   if run_steps < 1:
     raise ValueError(f"timed_steps must be >= 1, got {timed_steps}.")
-  # Ours recomputes eps from the clipped x_0, as diffusers' DDIM does with this flag.
-  kwargs = dict(eta=eta, use_clipped_model_output=True) if sampler == "ddim" else {}
   g = torch.Generator().manual_seed(seed)
+  step = _sampling_step(model, scheduler, sampler, eta, g)
   size, channels = config.data.image_size, config.data.num_channels
-
-  def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    eps = model(x, t).sample
-    return scheduler.step(eps, t, x, generator=g, **kwargs).prev_sample
 
   with torch.inference_mode():
     x = torch.randn((num_images, channels, size, size), generator=g)
     step(x.clone(), timesteps[0])  # Warm-up, untimed and discarded.
+    scheduler.set_timesteps(num_steps)  # DPM-Solver++ keeps its past outputs: start afresh.
     start = time.perf_counter()
     for t in timesteps[:run_steps]:
       x = step(x, t)
     seconds = time.perf_counter() - start
   chain_seconds = seconds / run_steps * num_steps
   extra = {} if run_steps == num_steps else dict(extrapolated_from_steps=run_steps)
+  if sampler == "dpm_solver":
+    c = scheduler.config
+    extra.update(
+      algorithm_type=c.algorithm_type,
+      solver_order=c.solver_order,
+      timestep_spacing=c.timestep_spacing,
+      use_karras_sigmas=c.use_karras_sigmas,
+      lower_order_final=c.lower_order_final,
+      thresholding=c.thresholding,
+      sample_max_value=c.sample_max_value,
+    )
   return dict(
     value=num_images / chain_seconds,
     unit="images/s",
@@ -417,6 +503,13 @@ def _parser() -> argparse.ArgumentParser:
     help="sample: run only this many steps and extrapolate.",
   )
   p.add_argument("--eta", type=float, default=0.0, help="sample with ddim: eta.")
+  p.add_argument("--order", type=int, default=2, help="sample with dpm_solver: 1, 2 or 3.")
+  p.add_argument(
+    "--spacing", default="linspace", help="sample with dpm_solver: linspace | trailing."
+  )
+  p.add_argument(
+    "--karras", action="store_true", help="sample with dpm_solver: Karras et al.'s sigmas."
+  )
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs).")
   p.add_argument("--seed", type=int, default=0, help="Inputs and torch's default init.")
   p.add_argument(
@@ -445,6 +538,7 @@ def run_workload(args: argparse.Namespace) -> Result:
       args.num_steps,
       args.timed_steps,
       eta=args.eta,
+      solver=dict(order=args.order, spacing=args.spacing, karras=args.karras),
       **common,
     )
   result["settings"]["config"] = args.config

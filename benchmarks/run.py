@@ -2,17 +2,23 @@
 `benchmarks/results/<host>-<date>.json`.
 
   python -m benchmarks.run          # Full run; the peer's 1000 x 1000 sampling alone takes minutes.
-  python -m benchmarks.run --quick  # < 10 min on 2 CPU cores: shorter timings, extrapolated chains.
+  python -m benchmarks.run --quick  # The subset with targets: shorter timings, 2 pairs per peer.
   python -m benchmarks.run --only=digits_train,cifar10_train
   python -m benchmarks.run --accelerator   # GPU/TPU: bfloat16 steps at full batch, 50k samples
                                            # (writes <host>-accelerator-<date>.json).
   python -m benchmarks.run --show=benchmarks/results/<host>-<date>.json   # as a Markdown table
 
-Installs nothing. The peer (HF diffusers UNet2DModel + DDPMScheduler on PyTorch) comes from the
-optional extra, `pip install -e ".[bench]"`; without it the peer's column is empty. Each figure runs
-in a fresh process (`benchmarks.ours` / `benchmarks.peer`), one after the other, so they never
-share the cores. A record is {workload, ours, peer, unit, ratio, target, meets_target, settings};
-ratio is ours / peer for throughputs (higher is better).
+Installs nothing. The peer (HF diffusers UNet2DModel with its DDPM, DDIM and DPM-Solver++
+schedulers on PyTorch) comes from the optional extra, `pip install -e ".[bench]"`; without it the
+peer's column is empty. Each figure runs in a fresh process (`benchmarks.ours` /
+`benchmarks.peer`), one after the other, so they never share the cores. A record is {workload,
+ours, peer, unit, ratio, target, meets_target, settings, wall_s}; ratio is ours / peer for
+throughputs (higher is better).
+
+The two sides of a workload with a peer run as K interleaved pairs of processes (ours, peer, ours,
+peer, ...; K = 3, --quick 2, --pairs=K), so that a drift of this machine's speed hits both: the
+record's ours and peer are each side's median and its ratio the median of the pairs' ratios, and
+it keeps the pairs (pairs, num_pairs) and the ratios' spread (ratio_min, ratio_max).
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import os
 import platform
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +43,8 @@ from benchmarks import peer
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GIB = 2**30
+PAIRS, QUICK_PAIRS = 3, 2  # Interleaved (ours, peer) pairs of processes per workload with a peer.
+CIFAR_SAMPLE_BATCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,8 @@ def _ours_below(limit: float) -> Callable[[dict[str, Any]], bool]:
 def workloads(cache_dir: str) -> list[Workload]:
   """The benchmark suite; `cache_dir` is a fresh directory for the compile-time pair."""
   digits_sample = ["sample", "--config=digits", "--num_images=1000"]
+  cifar_sample = ["sample", "--config=cifar10", f"--num_images={CIFAR_SAMPLE_BATCH}"]
+  dpm_solver20 = ["--sampler=dpm_solver", "--num_steps=20", "--order=2"]
   cifar_train = ["train", "--config=cifar10", "--batch=16"]
   lsun = ["--config=lsun_church"]
   return [
@@ -108,6 +120,25 @@ def workloads(cache_dir: str) -> list[Workload]:
       [*digits_sample, "--sampler=ddim", "--num_steps=50", "--seed_params"],
       target=">= 5x peer",
       meets=_ratio_at_least(5.0),
+    ),
+    Workload(
+      "digits_sample_dpm_solver20",
+      "digits, 1000 images x 20 DPM-Solver++ steps (order 2, linspace, lower-order final "
+      "steps, clipped x_0), one batch",
+      [*digits_sample, *dpm_solver20],
+      [*digits_sample, *dpm_solver20, "--seed_params"],
+      target=">= 1.0x peer",
+      meets=_ratio_at_least(1.0),
+    ),
+    Workload(
+      "cifar10_sample_dpm_solver20",
+      f"CIFAR-10, {CIFAR_SAMPLE_BATCH} images x 20 DPM-Solver++ steps (as above), one batch, "
+      "every step timed",
+      [*cifar_sample, *dpm_solver20],
+      [*cifar_sample, *dpm_solver20, "--seed_params"],
+      in_quick=False,  # --quick has the network's speed in cifar10_forward.
+      target=">= 1.0x peer",
+      meets=_ratio_at_least(1.0),
     ),
     Workload(
       "cifar10_train",
@@ -168,6 +199,7 @@ def workloads(cache_dir: str) -> list[Workload]:
         f"model.remat={remat}: state + gradients + saved activations + largest block's "
         "compiled working set (bytes)",
         ["memory_model", *lsun, f"--batch={b}", f"--set=model.remat={remat}"],
+        in_quick=(b, remat) == (16, True),  # The row with a target; memory does not drift.
         target="< 16 GiB" if (b, remat) == (16, True) else "",
         meets=_ours_below(16 * GIB) if (b, remat) == (16, True) else None,
       )
@@ -180,6 +212,7 @@ def workloads(cache_dir: str) -> list[Workload]:
         f"the same at batch 16, model.remat={remat}, from XLA's compiled memory analysis of "
         "the whole step on this backend (XLA:CPU does not realise remat's savings)",
         ["memory", *lsun, "--batch=16", f"--set=model.remat={remat}"],
+        in_quick=False,
       )
       for remat in (False, True)
     ],
@@ -255,43 +288,121 @@ def _run_json(module: str, args: list[str], timeout_s: int) -> tuple[dict | None
   return json.loads(lines[-1]), None
 
 
-def run_workload(
-  w: Workload, quick: bool, with_peer: bool, timeout_s: int | None = None
+def num_pairs(w: Workload, quick: bool, with_peer: bool, pairs: int | None = None) -> int:
+  """How many (ours, peer) pairs of processes a workload runs: `pairs` (default PAIRS, quick
+  QUICK_PAIRS) with a peer, else 0 (our side runs once)."""
+  if w.peer is None or not with_peer:
+    return 0
+  return pairs or (QUICK_PAIRS if quick else PAIRS)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+  """The run whose value is nearest the median of all (the first of equals)."""
+  middle = statistics.median(r["value"] for r in runs)
+  return min(runs, key=lambda r: abs(r["value"] - middle))
+
+
+def _record(
+  w: Workload,
+  runs: dict[str, list[dict]],
+  pairs: list[dict],
+  k: int,
+  errors: list[str],
+  wall_s: float,
 ) -> dict[str, Any]:
-  """Both sides of one workload -> its record; `timeout_s` (per side) overrides the workload's."""
-  timeout_s = timeout_s or w.timeout_s
-  ours_args = (w.quick_ours or w.ours) if quick else w.ours
-  ours, ours_error = _run_json("benchmarks.ours", ours_args, timeout_s)
-  theirs, peer_error = None, None
-  if w.peer is not None and with_peer:
-    peer_args = (w.quick_peer or w.peer) if quick else w.peer
-    theirs, peer_error = _run_json("benchmarks.peer", peer_args, timeout_s)
-  if w.per_image:
-    ours, theirs = (
-      r and dict(r, value=r["settings"]["images_per_s"], unit="images/s") for r in (ours, theirs)
-    )
-  unit = (ours or theirs or {}).get("unit")
+  """The record of a workload from each side's runs (results with "value" and "settings") and,
+  when paired, the pairs so far: each side's median, ratio the median of the pairs' ratios;
+  wall_s: the seconds its processes took, start to end."""
+  sides = {side: _median_run(r) if r else None for side, r in runs.items()}
+  unit = next((r["unit"] for r in runs["ours"] + runs["peer"]), None)
   record = dict(
     workload=w.name,
     description=w.description,
-    ours=ours["value"] if ours else None,
-    peer=theirs["value"] if theirs else None,
+    ours=statistics.median(r["value"] for r in runs["ours"]) if runs["ours"] else None,
+    peer=statistics.median(r["value"] for r in runs["peer"]) if runs["peer"] else None,
     unit=unit,
     ratio=None,
     target=w.target or None,
     meets_target=None,
-    settings=dict(
-      ours=ours["settings"] if ours else None, peer=theirs["settings"] if theirs else None
-    ),
+    settings={side: r["settings"] if r else None for side, r in sides.items()},
+    wall_s=round(wall_s, 1),
   )
-  if record["ours"] is not None and record["peer"]:
+  ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
+  if k:
+    record.update(
+      num_pairs=k,
+      pairs=list(pairs),
+      ratio_min=min(ratios) if ratios else None,
+      ratio_max=max(ratios) if ratios else None,
+    )
+    record["ratio"] = statistics.median(ratios) if ratios else None
+  elif record["ours"] is not None and record["peer"]:
     record["ratio"] = record["ours"] / record["peer"]
   if w.meets is not None and record["ours"] is not None:
     record["meets_target"] = bool(w.meets(record))
-  errors = [e for e in (ours_error, peer_error) if e]
   if errors:
-    record["errors"] = errors
+    record["errors"] = list(errors)
   return record
+
+
+def run_workload(
+  w: Workload,
+  quick: bool,
+  with_peer: bool,
+  timeout_s: int | None = None,
+  pairs: int | None = None,
+  progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+  """Both sides of one workload -> its record; `timeout_s` (per process) overrides the workload's.
+
+  With a peer, the sides run as `num_pairs` interleaved pairs of fresh processes: ours, peer,
+  ours, peer, ... The record's ours and peer are each side's median, its ratio the median of the
+  pairs' ratios, and it keeps every pair (values, ratio, wall seconds), the ratios' min and max
+  and the number of pairs; the settings are those of each side's run nearest its median. A side
+  that fails is not run again. `progress(record so far)` is called after each pair.
+  """
+  timeout_s = timeout_s or w.timeout_s
+  k = num_pairs(w, quick, with_peer, pairs)
+  commands = [("ours", "benchmarks.ours", (w.quick_ours or w.ours) if quick else w.ours)]
+  if k:
+    commands.append(("peer", "benchmarks.peer", (w.quick_peer or w.peer) if quick else w.peer))
+  runs: dict[str, list[dict]] = {"ours": [], "peer": []}
+  pair_records: list[dict] = []
+  errors: list[str] = []
+  failed: set[str] = set()
+  wall_s = 0.0
+  for _ in range(max(k, 1)):
+    pair: dict[str, Any] = dict(ours=None, peer=None, ratio=None)
+    for side, module, args in commands:
+      if side in failed:
+        continue
+      result, error, seconds = _run_side(w, module, args, timeout_s)
+      pair[f"{side}_s"], wall_s = seconds, wall_s + seconds
+      if error:
+        failed.add(side)
+        errors.append(error)
+      else:
+        runs[side].append(result)
+        pair[side] = result["value"]
+    if k:
+      if pair["ours"] is not None and pair["peer"]:
+        pair["ratio"] = pair["ours"] / pair["peer"]
+      pair_records.append(pair)
+      if progress is not None:
+        progress(_record(w, runs, pair_records, k, errors, wall_s))
+  return _record(w, runs, pair_records, k, errors, wall_s)
+
+
+def _run_side(
+  w: Workload, module: str, args: list[str], timeout_s: int
+) -> tuple[dict | None, str | None, float]:
+  """(result in the row's unit or None, error or None, wall seconds) of one side's process."""
+  start = time.perf_counter()
+  result, error = _run_json(module, args, timeout_s)
+  seconds = round(time.perf_counter() - start, 1)
+  if result is not None and w.per_image:
+    result = dict(result, value=result["settings"]["images_per_s"], unit="images/s")
+  return result, error, seconds
 
 
 # (train workload, matmul peak workload, target fraction or None)
@@ -350,9 +461,16 @@ def _format(value: float | None, unit: str | None) -> str:
   return f"{value:.4g} {unit}"
 
 
+def _spread(r: dict[str, Any]) -> str:
+  """'min-max x (K pairs)' of a paired record's ratios; '' for others."""
+  if r.get("ratio_min") is None:
+    return ""
+  return f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x ({r['num_pairs']} pairs)"
+
+
 def table(records: list[dict[str, Any]]) -> str:
   """The records as an aligned text table."""
-  rows = [("workload", "ours", "peer", "ratio", "target", "met")]
+  rows = [("workload", "ours", "peer", "ratio", "spread", "target", "met")]
   for r in records:
     met = {True: "yes", False: "NO", None: ""}[r["meets_target"]]
     rows.append(
@@ -361,6 +479,7 @@ def table(records: list[dict[str, Any]]) -> str:
         _format(r["ours"], r["unit"]),
         _format(r["peer"], r["unit"]),
         "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+        _spread(r),
         r["target"] or "",
         met,
       )
@@ -371,16 +490,30 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
-  """The records as a Markdown table (the README's)."""
-  lines = ["| workload | ours | diffusers | ratio | target | met |", "|---|---|---|---|---|---|"]
+  """The records as a Markdown table (the README's); spread: the pairs' min-max ratio."""
+  lines = [
+    "| workload | ours | diffusers | ratio | spread | target | met |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in records:
     met = {True: "yes", False: "no", None: ""}[r["meets_target"]]
     ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
     lines.append(
       f"| `{r['workload']}` | {_format(r['ours'], r['unit'])} | "
-      f"{_format(r['peer'], r['unit'])} | {ratio} | {r['target'] or ''} | {met} |"
+      f"{_format(r['peer'], r['unit'])} | {ratio} | {_spread(r)} | {r['target'] or ''} | {met} |"
     )
   return "\n".join(lines)
+
+
+def _pair_line(pair: dict[str, Any]) -> str:
+  """'ours 54.1 (71.2 s), peer 50.3 (48.9 s), ratio 1.08x' of one pair."""
+
+  def side(name: str) -> str:
+    value = "-" if pair[name] is None else f"{pair[name]:.4g}"
+    return f"{name} {value} ({pair.get(name + '_s', '-')} s)"
+
+  ratio = "-" if pair["ratio"] is None else f"{pair['ratio']:.2f}x"
+  return f"{side('ours')}, {side('peer')}, ratio {ratio}"
 
 
 def machine() -> dict[str, Any]:
@@ -428,7 +561,9 @@ def write_results(path: str, records: list[dict[str, Any]], quick: bool) -> None
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true", help="The < 10 min subset (2 CPU cores).")
+  p.add_argument(
+    "--quick", action="store_true", help="The subset with targets, shorter timings, 2 pairs."
+  )
   p.add_argument("--only", default="", help="Comma-separated workload names.")
   p.add_argument(
     "--accelerator",
@@ -440,6 +575,13 @@ def main(argv: list[str] | None = None) -> None:
     type=int,
     default=0,
     help="Per-side time limit of each workload (default: the workload's own).",
+  )
+  p.add_argument(
+    "--pairs",
+    type=int,
+    default=0,
+    help=f"Interleaved (ours, peer) pairs of processes per workload with a peer (default "
+    f"{PAIRS}, --quick {QUICK_PAIRS}).",
   )
   p.add_argument(
     "--out", default="", help="Result file (default benchmarks/results/<host>-<date>.json)."
@@ -472,10 +614,20 @@ def main(argv: list[str] | None = None) -> None:
     selected = [w for w in suite if (w.name in only if only else (w.in_quick or not args.quick))]
     with_peer = with_peer and not args.accelerator
     path = args.out or results_path(suite="accelerator" if args.accelerator else "")
-    records = []
+    records: list[dict[str, Any]] = []
+
+    def progress(partial: dict[str, Any]) -> None:  # After each pair: the file keeps it.
+      pair = partial["pairs"][-1]
+      print(
+        f"  pair {len(partial['pairs'])}/{partial['num_pairs']}: {_pair_line(pair)}", flush=True
+      )
+      write_results(path, [*records, partial], args.quick)
+
     for w in selected:
       print(f"[{datetime.datetime.now():%H:%M:%S}] {w.name}: {w.description}", flush=True)
-      records.append(run_workload(w, args.quick, with_peer, args.timeout_s or None))
+      records.append(
+        run_workload(w, args.quick, with_peer, args.timeout_s or None, args.pairs or None, progress)
+      )
       for error in records[-1].get("errors", []):
         print(f"  error: {error}", flush=True)
       write_results(path, records, args.quick)

@@ -16,6 +16,14 @@ xla_flags.apply()  # The XLA:CPU settings `ddpm_jax.main` runs with.
 import pytest  # noqa: E402
 
 from configs import digits  # noqa: E402
+from ddpm_jax.runtime import compilation_cache  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache, one per worker for the session: the many tests that
+  train or sample the same tiny configs compile each program once."""
+  compilation_cache.enable(str(tmp_path_factory.getbasetemp() / "jax_cache"), min_compile_secs=0.2)
 
 
 def tiny_digits_config(**overrides):
@@ -32,6 +40,7 @@ def tiny_digits_config(**overrides):
   config.training.checkpoint_every_secs = 0
   config.training.sample_every = 0
   config.training.num_sample_images = 4
+  config.training.fid_num_samples = 0  # No end-of-training FID unless a test asks for it.
   config.optim.warmup_steps = 2
   config.diffusion.num_timesteps = 20
   for key, value in overrides.items():

@@ -15,6 +15,7 @@ from conftest import tiny_digits_config
 from benchmarks import flops, ours, peer, run
 from ddpm_jax import model_bundle
 from ddpm_jax.runtime import compilation_cache, xla_flags
+from ddpm_jax.sampling import samplers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,13 +94,14 @@ def test_compile_is_cached_across_processes(tmp_path):
 
 
 def test_enable_compilation_cache(tmp_path):
+  before = jax.config.jax_compilation_cache_dir  # The suite's own (conftest.py).
   assert compilation_cache.enable("") is None
-  assert jax.config.jax_compilation_cache_dir is None
+  assert jax.config.jax_compilation_cache_dir == before
   try:
     assert compilation_cache.enable(str(tmp_path / "c")) == str(tmp_path / "c")
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
   finally:
-    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_overrides_keep_field_types():
@@ -220,12 +222,141 @@ from benchmarks import ours, run
 tiny = ["--set=model.num_res_blocks=1"]
 ours.main(["train", "--batch=4", "--steps=1", "--warmup=1", *tiny])
 ours.main(["sample", "--sampler=ddim", "--num_steps=2", "--num_images=4", "--batch=2", *tiny])
+ours.main(["sample", "--sampler=dpm_solver", "--num_steps=3", "--num_images=2", *tiny])
 """
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
     [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
-  train, sample = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+  train, sample, dpm = (json.loads(line) for line in proc.stdout.strip().splitlines()[-3:])
   assert train["value"] > 0 and train["settings"]["model_flops_per_step"] > 0
   assert sample["settings"]["num_images_timed"] == 4 and sample["value"] > 0
+  s = dpm["settings"]
+  assert (s["sampler"], s["num_steps"], s["nfe"], s["order"], s["spacing"]) == (
+    "dpm_solver",
+    3,
+    3,
+    2,
+    "linspace",
+  )
+  assert s["lower_order_final"] and s["clip_denoised"] and not s["karras"] and dpm["value"] > 0
+
+
+class ScriptedRuns:
+  """A stand-in for `run._run_json`: each side's scripted values in turn (None: that run fails),
+  the modules in the order they ran."""
+
+  def __init__(self, ours_values, peer_values):
+    self.values = {"benchmarks.ours": list(ours_values), "benchmarks.peer": list(peer_values)}
+    self.calls = []
+
+  def __call__(self, module, args, timeout):
+    self.calls.append(module.split(".")[1])
+    value = self.values[module].pop(0)
+    if value is None:
+      return None, f"exit 1: {module}"
+    return dict(value=value, unit="images/s", settings=dict(value=value, args=args)), None
+
+
+def test_pairs_interleave_and_report_medians(monkeypatch):
+  scripted = ScriptedRuns([10.0, 12.0, 11.0], [10.0, 8.0, 12.0])
+  monkeypatch.setattr(run, "_run_json", scripted)
+  w = run.Workload("x", "d", ["ours"], ["peer"], target=">= 1.0x", meets=run._ratio_at_least(1.0))
+  partials = []
+  record = run.run_workload(w, quick=False, with_peer=True, progress=partials.append)
+  assert scripted.calls == ["ours", "peer"] * 3
+  # Each side's median; the ratio is the median of the pairs' ratios (1, 1.5, 11/12).
+  assert (record["ours"], record["peer"], record["ratio"]) == (11.0, 10.0, 1.0)
+  assert record["num_pairs"] == 3 and record["meets_target"] is True
+  assert record["ratio_min"] == pytest.approx(11 / 12) and record["ratio_max"] == 1.5
+  assert [(p["ours"], p["peer"]) for p in record["pairs"]] == [(10, 10), (12, 8), (11, 12)]
+  assert all(p["ours_s"] >= 0 and p["peer_s"] >= 0 for p in record["pairs"])
+  assert record["settings"]["ours"]["value"] == 11.0  # The run at the median.
+  assert record["settings"]["peer"]["value"] == 10.0
+  assert [len(p["pairs"]) for p in partials] == [1, 2, 3] and partials[-1] == record
+  json.dumps(record)
+  # Quick: 2 pairs, the median of two the mean; --pairs overrides.
+  monkeypatch.setattr(run, "_run_json", ScriptedRuns([10.0, 12.0], [10.0, 8.0]))
+  quick = run.run_workload(w, quick=True, with_peer=True)
+  assert (quick["ours"], quick["peer"], quick["ratio"]) == (11.0, 9.0, 1.25)
+  assert quick["num_pairs"] == 2 and quick["settings"]["ours"]["value"] == 10.0
+  scripted = ScriptedRuns([1.0] * 4, [1.0] * 4)
+  monkeypatch.setattr(run, "_run_json", scripted)
+  assert run.run_workload(w, quick=True, with_peer=True, pairs=4)["num_pairs"] == 4
+  assert scripted.calls == ["ours", "peer"] * 4
+
+
+def test_pairs_with_failures_and_unpaired_rows(monkeypatch):
+  # The peer fails in the second pair: it is not run again; ours runs on.
+  scripted = ScriptedRuns([10.0, 12.0, 14.0], [5.0, None])
+  monkeypatch.setattr(run, "_run_json", scripted)
+  w = run.Workload("x", "d", ["ours"], ["peer"])
+  record = run.run_workload(w, quick=False, with_peer=True)
+  assert scripted.calls == ["ours", "peer", "ours", "peer", "ours"]
+  assert (record["ours"], record["peer"], record["ratio"]) == (12.0, 5.0, 2.0)
+  assert [p["ratio"] for p in record["pairs"]] == [2.0, None, None]
+  assert (record["ratio_min"], record["ratio_max"]) == (2.0, 2.0)
+  assert record["errors"] == ["exit 1: benchmarks.peer"] and record["wall_s"] >= 0
+  # Rows without a peer, or without the peer installed, run our side once, unpaired.
+  for unpaired, with_peer in ((run.Workload("y", "d", ["ours"]), True), (w, False)):
+    scripted = ScriptedRuns([3.0], [])
+    monkeypatch.setattr(run, "_run_json", scripted)
+    record = run.run_workload(unpaired, quick=False, with_peer=with_peer)
+    assert scripted.calls == ["ours"] and record["ours"] == 3.0 and record["ratio"] is None
+    assert "pairs" not in record and "num_pairs" not in record
+    assert run.num_pairs(unpaired, quick=False, with_peer=with_peer) == 0
+
+
+def test_spread_in_tables_and_results_file(monkeypatch, tmp_path, capsys):
+  """`main` runs the pairs, keeps each finished pair in the results file, and `--show` prints
+  the spread."""
+  out = tmp_path / "results.json"
+  scripted = ScriptedRuns([50.0, 60.0, 9.0], [40.0, 60.0])
+
+  def runs(module, args, timeout):
+    if len(scripted.calls) == 2:  # Pair 1 of the first workload is on disk before pair 2.
+      [partial] = json.loads(out.read_text())["records"]
+      assert partial["workload"] == "digits_sample_dpm_solver20" and len(partial["pairs"]) == 1
+    return scripted(module, args, timeout)
+
+  monkeypatch.setattr(run, "_run_json", runs)
+  monkeypatch.setattr(run.peer, "available", lambda: True)
+  run.main(["--only=digits_sample_dpm_solver20,cifar10_compile_cold", f"--out={out}", "--pairs=2"])
+  assert scripted.calls == ["ours", "peer", "ours", "peer", "ours"]
+  records = json.loads(out.read_text())["records"]
+  assert [r["workload"] for r in records] == ["digits_sample_dpm_solver20", "cifar10_compile_cold"]
+  assert "--sampler=dpm_solver" in records[0]["settings"]["ours"]["args"]
+  assert records[0]["ratio"] == pytest.approx(1.125) and records[0]["meets_target"] is True
+  assert "pairs" not in records[1]
+  text = capsys.readouterr().out
+  assert "pair 2/2: ours 60 (" in text and "1.00-1.25x (2 pairs)" in text
+  run.main([f"--show={out}"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "| workload | ours | diffusers | ratio | spread | target | met |"
+  assert lines[2] == (
+    "| `digits_sample_dpm_solver20` | 55 images/s | 50 images/s | 1.12x | 1.00-1.25x (2 pairs) "
+    "| >= 1.0x peer | yes |"
+  )
+
+
+def test_dpm_solver_rows():
+  suite = {w.name: w for w in run.workloads("/tmp/cache")}
+  digits, cifar = suite["digits_sample_dpm_solver20"], suite["cifar10_sample_dpm_solver20"]
+  for w in (digits, cifar):
+    ours_args, peer_args = ours._parser().parse_args(w.ours), peer._parser().parse_args(w.peer)
+    for args in (ours_args, peer_args):
+      assert (args.sampler, args.num_steps, args.order, args.spacing) == (
+        "dpm_solver",
+        20,
+        2,
+        "linspace",
+      )
+      assert not args.karras and args.timed_steps is None  # Every step timed.
+    assert ours_args.num_images == peer_args.num_images and peer_args.seed_params
+    assert w.quick_ours is None and w.quick_peer is None
+  assert digits.in_quick and not cifar.in_quick
+  assert (digits.ours[1], digits.ours[2]) == ("--config=digits", "--num_images=1000")
+  assert cifar.ours[1] == "--config=cifar10" and cifar.ours[2] == "--num_images=8"
+  assert digits.meets(_record("d", 1.0, 1.0)) and not digits.meets(_record("d", 0.9, 1.0))
+  assert ours.sampler_spec("dpm_solver", 20) == samplers.SamplerSpec("dpm_solver", 20)

@@ -550,8 +550,8 @@ def delete_array_files(step_dir: Path) -> None:
 def flip_bytes(step_dir: Path) -> None:
   for path in array_files(step_dir):
     data = bytearray(path.read_bytes())
-    for i in range(len(data) // 20, len(data), 1024):
-      data[i] ^= 0xFF
+    for i in (len(data) // 4, 3 * len(data) // 4):  # Inside each array when a file holds two.
+      data[i : i + 3] = bytes(b ^ 0xFF for b in data[i : i + 3])
     path.write_bytes(bytes(data))
 
 

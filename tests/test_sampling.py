@@ -31,7 +31,6 @@ def trained(tmp_path_factory):
       "data.data_dir": data_dir,
       "training.num_train_steps": 2,
       "training.checkpoint_every_steps": 2,
-      "training.fid_num_samples": 0,
       "sample.num_samples": NUM_SAMPLES,
       "sample.batch_size": BATCH,
     }
