@@ -7,4 +7,5 @@ cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
 "$PY" -m ruff check ddpm_jax configs tests launch notebooks benchmarks
 "$PY" -m ruff format --check ddpm_jax configs tests launch notebooks benchmarks
-exec "$PY" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" tests
+# Whole files per worker, in the order tests/conftest.py gives them (the slowest first).
+exec "$PY" -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@" tests

@@ -18,8 +18,9 @@ import pytest  # noqa: E402
 from configs import digits  # noqa: E402
 from ddpm_jax.runtime import compilation_cache  # noqa: E402
 
-# The slowest files first: with `--dist loadfile` a worker takes whole files in collection order,
-# so one of these last would leave it running alone for minutes while the other idles.
+# The slowest files first: under `--dist loadfile --no-loadscope-reorder` (run_tests.sh) the
+# workers take whole files in collection order, so these start at once, one per worker, instead
+# of one of them ending the run alone while the other worker idles.
 SLOW_FILES_FIRST = (
   "test_training.py",
   "test_training_multiprocess.py",
