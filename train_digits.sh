@@ -5,14 +5,8 @@
 # directory the command runs in.
 set -euo pipefail
 WORKDIR=workdir_digits
-if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then
-  WORKDIR="$1"
-  shift
-  case "$WORKDIR" in
-    /* | *://*) ;;
-    *) WORKDIR="$PWD/$WORKDIR" ;;
-  esac
-fi
+# shellcheck source=scripts/workdir_arg.sh
+source "$(dirname "$0")/scripts/workdir_arg.sh"
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
 exec "$PY" -m ddpm_jax.main --config=configs/digits.py --workdir="$WORKDIR" "$@"

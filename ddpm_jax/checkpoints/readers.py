@@ -59,12 +59,7 @@ def restore_ema_params(ckpt: checkpointing.Checkpointer, abstract_params: Any, s
 
   Raises CorruptCheckpointError (changing nothing on disk) when that checkpoint is damaged.
   """
-  try:
-    return ckpt.restore_part({"ema_params": abstract_params}, step)["ema_params"]
-  except CorruptCheckpointError as e:
-    raise CorruptCheckpointError(
-      f"{e} {_other_steps_advice(ckpt, e.step)}", step=e.step, reason=e.reason
-    ) from e
+  return restore_params(ckpt, abstract_params, step, "ema_params")
 
 
 def _other_steps_advice(ckpt: checkpointing.Checkpointer, bad_step: int) -> str:
@@ -102,7 +97,11 @@ def restore_params(
   ckpt: checkpointing.Checkpointer, abstract_params: Any, step: int, which: str = "ema_params"
 ) -> Any:
   """The `which` params ('ema_params' or the raw 'params') of checkpoint `step`, laid out as
-  `abstract_params`; nothing else of the train state is read. Raises as `restore_ema_params`."""
+  `abstract_params`; nothing else of the train state is read.
+
+  Raises CorruptCheckpointError (changing nothing on disk, naming the other steps to use) when
+  that checkpoint is damaged.
+  """
   if which not in PARAM_FIELDS:
     raise ValueError(f"which must be one of {PARAM_FIELDS}, got {which!r}")
   try:
