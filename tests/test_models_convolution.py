@@ -50,6 +50,40 @@ def test_values_and_gradients_agree(impl, stride, padding, size):
     np.testing.assert_allclose(g, r, atol=5e-4, rtol=1e-4)
 
 
+def _upsampled(x):
+  return np.repeat(np.repeat(np.asarray(x, np.float64), 2, axis=1), 2, axis=2)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 3), (1, 5, 3, 6), (3, 1, 1, 2)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_upsample_conv_is_the_convolution_of_the_upsampled_input(impl, shape):
+  """The sub-pixel form ("xla") and the upsample-first forms equal the direct float64 sum, in
+  value and gradient; "xla" runs one 2x2 convolution with four outputs per channel."""
+  x = jax.random.normal(jax.random.PRNGKey(2), shape)
+  kernel = jax.random.normal(jax.random.PRNGKey(3), (3, 3, shape[-1], 5))
+  same = ((1, 1), (1, 1))
+  out = convolution.upsample_conv3x3(x, kernel, impl)
+  assert out.shape == (shape[0], 2 * shape[1], 2 * shape[2], 5)
+  np.testing.assert_allclose(out, _numpy_conv(_upsampled(x), kernel, 1, same), atol=1e-4)
+
+  def loss(x, kernel, upsampled_first):
+    if upsampled_first:
+      y = convolution.conv3x3(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), kernel)
+    else:
+      y = convolution.upsample_conv3x3(x, kernel, impl)
+    return jnp.sum(jnp.sin(y))
+
+  grads = jax.grad(loss, (0, 1))(x, kernel, False)
+  reference = jax.grad(loss, (0, 1))(x, kernel, True)
+  for g, r in zip(grads, reference, strict=True):
+    assert float(jnp.max(jnp.abs(r))) > 1.0
+    np.testing.assert_allclose(g, r, atol=5e-4, rtol=1e-4)
+  hlo = jax.jit(convolution.upsample_conv3x3, static_argnums=2).lower(x, kernel, impl).as_text()
+  convolutions = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
+  if impl == "xla":
+    assert len(convolutions) == 1 and f"tensor<2x2x{shape[-1]}x20xf32>" in convolutions[0]
+
+
 def test_unknown_impl_is_an_error():
   with pytest.raises(ValueError, match=r"conv_impl must be one of .*'fft'"):
     convolution.conv3x3(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), impl="fft")

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 from jax._src.ad_checkpoint import saved_residuals  # No public API returns them.
 
-from ddpm_jax.models import UNet, get_timestep_embedding
+from ddpm_jax.models import UNet, get_timestep_embedding, layers
 from ddpm_jax.models.layers import AttnBlock, Dense, Downsample, GroupNorm
 
 LSUN_MULT = (1, 1, 2, 2, 4, 4)
@@ -285,9 +285,12 @@ def _np_group_norm(x, scale, bias, groups=32, eps=1e-6):
   return ((xg - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
 
 
-@pytest.mark.parametrize("channels", [32, 96, 128])  # 1, 3 and 4 channels per group.
-def test_group_norm_matches_numpy(channels):
-  x = np.asarray(jax.random.normal(jax.random.key(3), (2, 4, 4, channels)), np.float64) * 3 + 1
+# 1, 3 and 4 channels per group; 4x4 maps reduce, 16x16 ones are matrix-vector products on CPU.
+@pytest.mark.parametrize("channels,size", [(32, 4), (96, 4), (128, 4), (64, 16)])
+def test_group_norm_matches_numpy(channels, size):
+  x = (
+    np.asarray(jax.random.normal(jax.random.key(3), (2, size, size, channels)), np.float64) * 3 + 1
+  )
   scale = 1 + 0.1 * np.arange(channels)
   bias = np.linspace(-1, 1, channels)
   params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
@@ -306,10 +309,10 @@ def test_group_norm_matches_numpy(channels):
   )
 
 
-@pytest.mark.parametrize("channels", [32, 96])
-def test_group_norm_gradient_equals_autodiff_of_flax_group_norm(channels):
+@pytest.mark.parametrize("channels,size", [(32, 4), (96, 4), (64, 16)])
+def test_group_norm_gradient_equals_autodiff_of_flax_group_norm(channels, size):
   """The closed-form backward pass equals autodiff through nn.GroupNorm's formulation."""
-  x = jax.random.normal(jax.random.key(4), (2, 4, 4, channels)) * 2 + 0.5
+  x = jax.random.normal(jax.random.key(4), (2, size, size, channels)) * 2 + 0.5
   params = {
     "scale": 1 + 0.2 * jax.random.normal(jax.random.key(5), (channels,)),
     "bias": 0.3 * jax.random.normal(jax.random.key(6), (channels,)),
@@ -324,6 +327,40 @@ def test_group_norm_gradient_equals_autodiff_of_flax_group_norm(channels):
   theirs = jax.grad(loss, (0, 1))(params, x, reference)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), ours, theirs)
   assert float(jnp.max(jnp.abs(ours[1]))) > 0.1
+
+
+def _ops(fn, x):
+  """The HLO opcodes of fn(x) as XLA compiles it for this backend."""
+  text = jax.jit(fn).lower(x).compile().as_text()
+  return {op for op in ("dot", "reduce") for line in text.splitlines() if f" {op}(" in line}
+
+
+@pytest.mark.parametrize(
+  "shape,by",
+  [
+    ((2, 16, 16, 64), "matvec"),  # 256 positions: the smallest map that is a matrix-vector product.
+    ((16, 32, 32, 8), "matvec"),  # batch x positions = MATVEC_MEAN_MAX_ELEMENTS.
+    ((2, 8, 8, 64), "reduction"),  # Too few positions.
+    ((32, 32, 32, 8), "reduction"),  # Too many elements.
+    ((3, 16, 16, 16, 8), "matvec"),  # Any number of spatial axes.
+  ],
+)
+def test_spatial_mean_is_the_mean_and_a_matvec_on_cpu_for_mid_sized_maps(shape, by):
+  x = jax.random.normal(jax.random.key(9), shape) * 2 + 1
+  expected = np.asarray(x, np.float64).mean(axis=tuple(range(1, x.ndim - 1)))
+  np.testing.assert_allclose(layers.spatial_mean(x), expected, rtol=1e-5, atol=1e-6)
+  ops = _ops(layers.spatial_mean, x)
+  assert ops == ({"dot"} if by == "matvec" else {"reduce"}), ops
+
+
+def test_spatial_mean_reduces_on_other_platforms():
+  """platform_dependent keeps the reduction for GPU and TPU (lowered without compiling)."""
+  x = jnp.ones((2, 16, 16, 64))
+  for platform in ("cuda", "tpu"):
+    text = jax.jit(layers.spatial_mean).trace(x).lower(lowering_platforms=(platform,)).as_text()
+    assert "stablehlo.reduce" in text and "dot_general" not in text, platform
+  cpu = jax.jit(layers.spatial_mean).trace(x).lower(lowering_platforms=("cpu",)).as_text()
+  assert "dot_general" in cpu
 
 
 def test_group_norm_swish_equals_swish_of_group_norm_and_keeps_only_x_and_statistics():

@@ -13,7 +13,8 @@ and give the same result (up to float summation order). They differ only in the 
   "shifted_matmul"   the whole convolution as one matmul over the nine shifted views of x
                      (im2col), accumulated in float32 (`preferred_element_type`): on CPUs with
                      bfloat16 matrix units (AMX) this is what reaches them.
-`benchmarks/` measures them (README, "Performance").
+`benchmarks/` measures them (README, "Performance"). `upsample_conv3x3` is the convolution of an
+input upsampled x2 (nearest), with "xla" as one 2x2 convolution of the input (sub-pixel form).
 """
 
 from __future__ import annotations
@@ -89,6 +90,69 @@ def varying_like(param: jax.Array, x: jax.Array) -> jax.Array:
     sorted(jax.typeof(x).manual_axis_type.varying - jax.typeof(param).manual_axis_type.varying)
   )
   return jax.lax.pcast(param, axes, to="varying") if axes else param
+
+
+def _fold_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """The two 2-tap kernels along `axis` that a 3-tap kernel [w0, w1, w2] becomes on an input
+  repeated twice along that axis: [w0, w1 + w2] for even outputs, [w0 + w1, w2] for odd ones."""
+  w0, w1, w2 = jnp.split(kernel, 3, axis=axis)
+  return jnp.concatenate([w0, w1 + w2], axis), jnp.concatenate([w0 + w1, w2], axis)
+
+
+def _upsampled(x: jax.Array) -> jax.Array:
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _sub_pixel_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  batch, height, width, channels = x.shape
+  out = kernel.shape[-1]
+  taps = kernel.astype(jnp.float32)  # Summed in float32 whatever the compute dtype.
+  phases = [jnp.stack(_fold_taps(rows, 1)) for rows in _fold_taps(taps, 0)]  # a: [b, 2, 2, C, O]
+  kernel2 = jnp.transpose(jnp.stack(phases), (2, 3, 4, 0, 1, 5)).reshape(2, 2, channels, 4 * out)
+  y = _lax_conv(x, kernel2.astype(kernel.dtype), 1, ((1, 1), (1, 1)))
+  y = y.reshape(batch, height + 1, width + 1, 2, 2, out)
+  rows = [
+    jnp.stack([y[:, a : a + height, b : b + width, a, b] for b in range(2)], axis=3)
+    for a in range(2)
+  ]  # a: [B, H, W, 2 (b), O]
+  return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, out)
+
+
+def _upsample_conv_reference(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _lax_conv(_upsampled(x), kernel, 1, ((1, 1), (1, 1)))
+
+
+@jax.custom_vjp
+def _upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _sub_pixel_conv(x, kernel)
+
+
+def _upsample_conv_fwd(x, kernel):
+  return _sub_pixel_conv(x, kernel), (x, kernel)
+
+
+def _upsample_conv_bwd(residuals, g):
+  # The gradients of the upsample-first form: XLA:CPU runs the sub-pixel form's own (a 2x2
+  # kernel gradient over 4 O outputs) several times slower. Its forward pass is dead code here.
+  return jax.vjp(_upsample_conv_reference, *residuals)[1](g)
+
+
+_upsample_conv.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
+
+
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
+  """conv3x3 (padding 1) of x [B, H, W, C] repeated twice along H and W (nearest-neighbour x2)
+  -> [B, 2H, 2W, O].
+
+  With impl "xla", in the sub-pixel form: output pixel (2i + a, 2j + b) sees input rows
+  i - 1 + a, i + a and columns j - 1 + b, j + b, with the 3x3 taps that fall on each summed. So
+  one 2x2 convolution of x (padding 1) [B, H + 1, W + 1, 4 O] gives all four phases (a, b), with
+  16 instead of 36 multiply-adds per input pixel and channel pair; the gradients are those of
+  the upsample-first form. Other impls upsample first.
+  """
+  if impl != "xla":
+    return conv3x3(_upsampled(x), kernel, impl=impl)
+  return _upsample_conv(x, varying_like(kernel, x))
 
 
 def conv3x3(

@@ -56,12 +56,47 @@ def default_init(scale: float = 1.0) -> jax.nn.initializers.Initializer:
   return jax.nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
+# XLA:CPU reduces over non-minor axes at a few GB/s unless YNNPACK's reduction fusions are on
+# (the train step has them; forward-only programs leave them out, `runtime.xla_flags`). GroupNorm's
+# statistics of 16x16 to 32x32 maps (batch x positions <= 16 x 32 x 32) then run 2.4-4x faster as
+# matrix-vector products (0.7-1.6x under YNNPACK's reductions); larger inputs reduce (README).
+MATVEC_MEAN_MIN_POSITIONS = 16 * 16
+MATVEC_MEAN_MAX_ELEMENTS = 16 * 32 * 32  # batch x positions
+
+
+def _mean_by_reduction(v: jax.Array) -> jax.Array:
+  return jnp.mean(v, axis=tuple(range(1, v.ndim - 1)))
+
+
+def _mean_by_matvec(v: jax.Array) -> jax.Array:
+  """[B, ..., C] -> [B, C] as the batched product ones [B, 1, N] v [B, N, C] / N."""
+  batch, channels = v.shape[0], v.shape[-1]
+  positions = math.prod(v.shape[1:-1])
+  total = jax.lax.dot_general(
+    jnp.ones((batch, positions), v.dtype),
+    v.reshape(batch, positions, channels),
+    (((1,), (1,)), ((0,), (0,))),
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  return total / positions
+
+
+def spatial_mean(v: jax.Array) -> jax.Array:
+  """Each example's per-channel mean over the spatial axes of v [B, ..., C] -> [B, C]: on CPU
+  for the sizes above as a matrix-vector product, otherwise (and on other platforms) a reduction.
+  """
+  positions = math.prod(v.shape[1:-1])
+  if not MATVEC_MEAN_MIN_POSITIONS <= positions <= MATVEC_MEAN_MAX_ELEMENTS // v.shape[0]:
+    return _mean_by_reduction(v)
+  return jax.lax.platform_dependent(v, cpu=_mean_by_matvec, default=_mean_by_reduction)
+
+
 def _group_mean(v: jax.Array, num_groups: int) -> jax.Array:
   """Each example's mean over each group's positions and channels of v [B, ..., C], broadcast
   back over the group's channels as [B, 1.., C]: per-channel spatial means, then group means."""
   batch, channels = v.shape[0], v.shape[-1]
   spatial = tuple(range(1, v.ndim - 1))
-  per_channel = jnp.mean(v, axis=spatial).reshape(batch, num_groups, channels // num_groups)
+  per_channel = spatial_mean(v).reshape(batch, num_groups, channels // num_groups)
   means = jnp.repeat(jnp.mean(per_channel, axis=-1), channels // num_groups, axis=-1)
   return means.reshape(batch, *(1,) * len(spatial), channels)
 
@@ -182,7 +217,8 @@ def group_norm(
 
 class Conv3x3(nn.Module):
   """3x3 convolution [B, H, W, C] -> [B, H', W', features]: kernel [3, 3, C, features] (HWIO)
-  and a zero-initialised bias, like nn.Conv, computed by `convolution.conv3x3(impl=...)`."""
+  and a zero-initialised bias, like nn.Conv, computed by `convolution.conv3x3(impl=...)`. With
+  `upsample`, of x upsampled x2 (nearest) first: [B, 2H, 2W, features] (`upsample_conv3x3`)."""
 
   features: int
   strides: int = 1
@@ -191,6 +227,7 @@ class Conv3x3(nn.Module):
   conv_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  upsample: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -199,7 +236,10 @@ class Conv3x3(nn.Module):
     )
     bias = self.param("bias", jax.nn.initializers.zeros, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = convolution.conv3x3(x, kernel, self.strides, self.padding, self.conv_impl)
+    if self.upsample:
+      y = convolution.upsample_conv3x3(x, kernel, self.conv_impl)
+    else:
+      y = convolution.conv3x3(x, kernel, self.strides, self.padding, self.conv_impl)
     return y + bias
 
 
@@ -213,11 +253,21 @@ def conv3x3(
   padding: Any = ((1, 1), (1, 1)),
   conv_impl: str = "xla",
   parent: Any = None,
+  upsample: bool = False,
 ) -> Conv3x3:
   """The 3x3 convolution `name` (a child of `parent` if given); see `Conv3x3`."""
   kw = {} if parent is None else {"parent": parent}
   return Conv3x3(
-    features, strides, padding, init_scale, conv_impl, dtype, param_dtype, name=name, **kw
+    features,
+    strides,
+    padding,
+    init_scale,
+    conv_impl,
+    dtype,
+    param_dtype,
+    upsample,
+    name=name,
+    **kw,
   )
 
 
@@ -398,7 +448,8 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv `conv` if `with_conv`: [B, H, W, C] -> [B, 2H, 2W, C].
 
-  The original's resize(align_corners=True, NEAREST) at exactly 2x is a plain repeat.
+  The original's resize(align_corners=True, NEAREST) at exactly 2x is a plain repeat; with the
+  conv, the two run as one sub-pixel convolution of x (`convolution.upsample_conv3x3`).
   """
 
   with_conv: bool = True
@@ -408,7 +459,8 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    if self.with_conv:
-      x = conv3x3(x.shape[-1], "conv", self.dtype, self.param_dtype, conv_impl=self.conv_impl)(x)
-    return x
+    if not self.with_conv:
+      return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return conv3x3(
+      x.shape[-1], "conv", self.dtype, self.param_dtype, conv_impl=self.conv_impl, upsample=True
+    )(x)
