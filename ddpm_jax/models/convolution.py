@@ -99,7 +99,8 @@ def _fold_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   return jnp.concatenate([w0, w1 + w2], axis), jnp.concatenate([w0 + w1, w2], axis)
 
 
-def _upsampled(x: jax.Array) -> jax.Array:
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """x [B, H, W, C] repeated twice along H and W -> [B, 2H, 2W, C] (nearest-neighbour x2)."""
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
@@ -118,10 +119,6 @@ def _sub_pixel_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, out)
 
 
-def _upsample_conv_reference(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return _lax_conv(_upsampled(x), kernel, 1, ((1, 1), (1, 1)))
-
-
 @jax.custom_vjp
 def _upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _sub_pixel_conv(x, kernel)
@@ -134,7 +131,7 @@ def _upsample_conv_fwd(x, kernel):
 def _upsample_conv_bwd(residuals, g):
   # The gradients of the upsample-first form: XLA:CPU runs the sub-pixel form's own (a 2x2
   # kernel gradient over 4 O outputs) several times slower. Its forward pass is dead code here.
-  return jax.vjp(_upsample_conv_reference, *residuals)[1](g)
+  return jax.vjp(lambda x, kernel: conv3x3(upsample_nearest(x), kernel), *residuals)[1](g)
 
 
 _upsample_conv.defvjp(_upsample_conv_fwd, _upsample_conv_bwd)
@@ -151,7 +148,7 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.
   the upsample-first form. Other impls upsample first.
   """
   if impl != "xla":
-    return conv3x3(_upsampled(x), kernel, impl=impl)
+    return conv3x3(upsample_nearest(x), kernel, impl=impl)
   return _upsample_conv(x, varying_like(kernel, x))
 
 

@@ -460,7 +460,7 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if not self.with_conv:
-      return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      return convolution.upsample_nearest(x)
     return conv3x3(
       x.shape[-1], "conv", self.dtype, self.param_dtype, conv_impl=self.conv_impl, upsample=True
     )(x)
